@@ -1,0 +1,162 @@
+"""Paged attention over a flattened, unpadded batch that mixes prefill chunks and decodes.
+
+Sequence i contributes query tokens [query_start[i], query_start[i+1]) that sit at the last
+query_len positions of its context of seq_lens[i] tokens; their K/V have already been stored in
+the paged cache. Each query attends causally to its paged past plus itself (and only to the last
+`sliding_window` positions when a window is set: key j is visible from query p when
+p - window < j <= p, as in Hugging Face's Mistral).
+
+The reference is the CPU implementation, so it is written for speed: decodes are batched into
+one gathered SDPA call, prefill chunks run one SDPA each. Gather indices and masks depend only on
+the step, not on the layer, so they are built once per step (`AttentionMetadata.reference_plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kernels._dispatch import use_triton
+
+
+@dataclass
+class AttentionMetadata:
+    query_start: torch.Tensor  # [B + 1] int32, on the compute device
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    block_size: int
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so that the CPU reference never reads a device tensor back.
+    query_start_host: list[int]
+    seq_lens_host: list[int]
+    sliding_window: int | None = None
+    slot_mapping: torch.Tensor | None = None  # [T] int64 cache row of each new token (-1: skip)
+    _plan: _ReferencePlan | None = field(default=None, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    def reference_plan(self) -> _ReferencePlan:
+        if self._plan is None:
+            self._plan = _ReferencePlan.build(self)
+        return self._plan
+
+
+@dataclass
+class _PrefillChunk:
+    q_start: int
+    q_end: int
+    slots: torch.Tensor  # [L] flat cache rows of the context
+    mask: torch.Tensor | None  # [q_len, L] bool, True = attend; None = plain causal (q_len == L)
+
+
+@dataclass
+class _ReferencePlan:
+    decode_token_idx: torch.Tensor | None  # [Bd] flat query rows of the decodes
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] flat cache rows (0 where masked)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
+    all_decode: bool
+    chunks: list[_PrefillChunk]
+
+    @staticmethod
+    def build(meta: AttentionMetadata) -> _ReferencePlan:
+        device = meta.block_tables.device
+        bs = meta.block_size
+        window = meta.sliding_window
+        qs, sl = meta.query_start_host, meta.seq_lens_host
+        decode_rows = [i for i in range(len(sl)) if qs[i + 1] - qs[i] == 1]
+        decode_token_idx = decode_slots = decode_mask = None
+        if decode_rows:
+            rows = torch.tensor(decode_rows, device=device)
+            lens = meta.seq_lens.index_select(0, rows).long()
+            lmax = max(sl[i] for i in decode_rows)
+            pos = torch.arange(lmax, device=device)
+            tables = meta.block_tables.index_select(0, rows).long()
+            blocks = tables.gather(1, (pos // bs).expand(len(decode_rows), -1).clamp(
+                max=tables.shape[1] - 1))
+            slots = blocks * bs + pos % bs
+            valid = pos.unsqueeze(0) < lens.unsqueeze(1)
+            if window is not None:
+                valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - window)
+            decode_slots = torch.where(valid, slots, torch.zeros_like(slots))
+            decode_mask = valid[:, None, None, :]
+            decode_token_idx = torch.tensor([qs[i] for i in decode_rows], device=device)
+        chunks: list[_PrefillChunk] = []
+        for i in range(len(sl)):
+            q_len = qs[i + 1] - qs[i]
+            if q_len == 1:
+                continue
+            ctx = sl[i]
+            pos = torch.arange(ctx, device=device)
+            table = meta.block_tables[i].long()
+            slots = table[pos // bs] * bs + pos % bs
+            mask = None
+            if q_len != ctx or (window is not None and window < ctx):
+                q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
+                mask = pos.unsqueeze(0) <= q_pos
+                if window is not None:
+                    mask &= pos.unsqueeze(0) > q_pos - window
+            chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask))
+        return _ReferencePlan(decode_token_idx, decode_slots, decode_mask,
+                              len(decode_rows) == len(sl), chunks)
+
+
+def paged_attention_reference(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    gqa = num_heads != num_kv_heads
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    plan = meta.reference_plan()
+    out = query.new_empty(query.shape)
+
+    if plan.decode_slots is not None:
+        bd, lmax = plan.decode_slots.shape
+        q = query if plan.all_decode else query.index_select(0, plan.decode_token_idx)
+        k = k_flat.index_select(0, plan.decode_slots.view(-1)).view(bd, lmax, num_kv_heads, head_dim)
+        v = v_flat.index_select(0, plan.decode_slots.view(-1)).view(bd, lmax, num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [Bd, Hq, 1, D]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=plan.decode_mask,
+            scale=scale,
+            enable_gqa=gqa,
+        ).squeeze(2)
+        if plan.all_decode:
+            return o
+        out.index_copy_(0, plan.decode_token_idx, o)
+
+    for c in plan.chunks:
+        q = query[c.q_start:c.q_end].transpose(0, 1)  # [Hq, q_len, D]
+        k = k_flat.index_select(0, c.slots).transpose(0, 1)  # [Hkv, L, D]
+        v = v_flat.index_select(0, c.slots).transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=c.mask, is_causal=c.mask is None, scale=scale, enable_gqa=gqa
+        )
+        out[c.q_start:c.q_end] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    if use_triton(query):
+        from kernels.triton_paged_attention import paged_attention_triton
+
+        return paged_attention_triton(query, k_cache, v_cache, meta, scale)
+    return paged_attention_reference(query, k_cache, v_cache, meta, scale)

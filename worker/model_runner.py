@@ -1,0 +1,200 @@
+"""Builds the model, sizes and binds the paged KV cache, and runs one flattened step.
+
+Start-up follows a fixed order (nano-vllm): build the model, load weights, warm up with the
+largest step the scheduler can issue while measuring peak memory, then size the KV cache from
+what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kernels.paged_attention import AttentionMetadata
+from protos.messages import StepPlan
+from worker.config import ConfigError, EngineConfig, ModelConfig
+from worker.loader import load_weights
+from worker.models import build_model
+from worker.parallel import SINGLE, TPInfo
+from worker.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Without an explicit --kv-cache-bytes a CPU engine takes this share of available RAM, capped,
+# so that a laptop keeps room for the rest of the system.
+_CPU_KV_SHARE = 0.25
+_CPU_KV_CAP = 4 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _available_ram() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path,
+                 tp: TPInfo = SINGLE) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = build_model(model_config, tp)
+        finally:
+            torch.set_default_dtype(prev)
+        load_weights(self.model, model_dir)
+        self.model.eval()
+        # The cos/sin cache must stay fp32 even when the model is bf16.
+        for module in self.model.modules():
+            if hasattr(module, "cos_sin_cache"):
+                module.cos_sin_cache = module.cos_sin_cache.float()
+        self.attn_layers = self.model.attention_layers()
+        layer0 = self.attn_layers[0]
+        self.num_kv_heads = layer0.num_kv_heads
+        self.head_dim = layer0.head_dim
+        self.num_blocks = self._size_kv_cache()
+        self._allocate_kv_cache(self.num_blocks)
+
+    # -- start-up --------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return (2 * len(self.attn_layers) * self.block_size * self.num_kv_heads * self.head_dim
+                * elem)
+
+    def weight_bytes(self) -> int:
+        seen = {id(p): p for p in self.model.parameters()}
+        return sum(p.numel() * p.element_size() for p in seen.values())
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        for layer in self.attn_layers:
+            layer.bind_cache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                             torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def _size_kv_cache(self) -> int:
+        cfg = self.config
+        warm_tokens = min(cfg.max_num_batched_tokens,
+                          cfg.max_model_len or self.model_config.max_position_embeddings)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self._warm_up(warm_tokens)
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            non_torch = total - free - torch.cuda.memory_reserved()
+            budget = int(total * cfg.kv_cache_fraction) - torch.cuda.max_memory_allocated() \
+                - non_torch
+        else:
+            budget = min(int(_available_ram() * _CPU_KV_SHARE), _CPU_KV_CAP)
+        num_blocks = budget // self.block_bytes
+        if num_blocks < 1:
+            raise ConfigError(f"no room for the KV cache: {budget / 2**20:.0f} MiB available, one "
+                              f"block needs {self.block_bytes / 2**20:.2f} MiB; raise "
+                              "--kv-cache-bytes (CPU) or --gpu-memory-utilization")
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size,
+                 num_blocks * self.block_bytes / 2**20)
+        return num_blocks
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int) -> None:
+        """One prefill of the largest step, on a throw-away cache just big enough for it."""
+        blocks = -(-num_tokens // self.block_size)
+        self._allocate_kv_cache(blocks)
+        plan = StepPlan(
+            step_id=-1,
+            input_ids=[0] * num_tokens,
+            positions=list(range(num_tokens)),
+            slot_mapping=list(range(num_tokens)),
+            query_start=[0, num_tokens],
+            seq_lens=[num_tokens],
+            block_tables=[list(range(blocks))],
+            sample_indices=[num_tokens - 1],
+        )
+        self.execute(plan)
+        self._allocate_kv_cache(0)
+
+    # -- per step ----------------------------------------------------------------------------
+
+    def build_plan(self, step_id: int, sched: SchedulerOutput) -> StepPlan:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample: list[int] = []
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            if n == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(end)
+            tables.append(table)
+            if end == seq.num_tokens:
+                sample.append(query_start[-1] - 1)
+        return StepPlan(step_id, input_ids, positions, slots, query_start, seq_lens, tables, sample)
+
+    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
+        dev = self.device
+        width = max(len(t) for t in plan.block_tables)
+        tables = torch.zeros(len(plan.block_tables), width, dtype=torch.int32)
+        for i, t in enumerate(plan.block_tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        qs = plan.query_start
+        return AttentionMetadata(
+            query_start=torch.tensor(qs, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev),
+            block_size=self.block_size,
+            max_query_len=max(qs[i + 1] - qs[i] for i in range(len(qs) - 1)),
+            max_seq_len=max(plan.seq_lens),
+            query_start_host=qs,
+            seq_lens_host=plan.seq_lens,
+            sliding_window=self.model_config.sliding_window,
+            slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the forward for a plan; returns fp32 logits for plan.sample_indices."""
+        dev = self.device
+        input_ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)
+        hidden = self.model(input_ids, positions, self._metadata(plan))
+        if not plan.sample_indices:
+            return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
+        idx = torch.tensor(plan.sample_indices, dtype=torch.int64, device=dev)
+        return self.model.compute_logits(hidden.index_select(0, idx)).float()

@@ -1,0 +1,19 @@
+"""Model registry: Hugging Face architecture name -> implementation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from worker.config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
+from worker.parallel import SINGLE, TPInfo
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, tp: TPInfo = SINGLE) -> nn.Module:
+    return MODEL_CLASSES[cfg.architecture](cfg, tp)

@@ -6,6 +6,10 @@ the tokens split into sequences. Logits are computed only for the rows the sampl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -93,13 +97,13 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (our parameter name, shard id) for matrices we store merged
-    packed_modules = {
+    packed_modules: ClassVar[Mapping[str, tuple[str, str | int]]] = MappingProxyType({
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
-    }
+    })
 
     def __init__(self, cfg: ModelConfig, tp: TPInfo = SINGLE) -> None:
         super().__init__()

@@ -1,0 +1,101 @@
+"""Sampler maths against plain, one-row-at-a-time references on fixed logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protos.messages import Request, SamplingParams
+from worker.sampler import Sampler, apply_penalties, apply_top_k_top_p_min_p
+from worker.sequence import Sequence
+
+
+def reference_filter(logits: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Which token ids survive, computed the obvious way."""
+    probs = torch.tensor(logits).softmax(-1).tolist()
+    keep = set(range(len(logits)))
+    if min_p > 0:
+        keep = {i for i in keep if probs[i] >= min_p * max(probs)}
+    order = sorted(keep, key=lambda i: -logits[i])
+    if top_k > 0:
+        order = order[:top_k]
+    if top_p < 1:
+        z = sum(math.exp(logits[i]) for i in order)
+        mass, kept = 0.0, []
+        for i in order:
+            if mass >= top_p and kept:
+                break
+            kept.append(i)
+            mass += math.exp(logits[i]) / z
+        order = kept
+    return set(order)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0),
+                                                (5, 0.5, 0.0), (0, 1.0, 0.2), (4, 0.9, 0.05)])
+def test_top_k_top_p_min_p_match_reference(top_k, top_p, min_p):
+    gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
+    logits = torch.randn(3, 12, generator=gen) * 2
+    n = logits.shape[0]
+    out = apply_top_k_top_p_min_p(logits, torch.full((n,), top_k), torch.full((n,), top_p),
+                                  torch.full((n,), min_p))
+    for r in range(n):
+        kept = {i for i in range(12) if out[r, i] != float("-inf")}
+        assert kept == reference_filter(logits[r].tolist(), top_k, top_p, min_p)
+        for i in kept:
+            assert out[r, i] == logits[r, i]
+
+
+def _seq(prompt, output, **params) -> Sequence:
+    s = Sequence(Request(request_id="x", prompt_token_ids=prompt,
+                         sampling=SamplingParams(**params)))
+    s.token_ids.extend(output)
+    return s
+
+
+def test_penalties_match_reference():
+    prompt, output = [1, 2, 3], [3, 4, 4, 5]
+    logits = torch.tensor([[0.5, -1.0, 2.0, -0.5, 1.5, 0.3, 0.0]])
+    rep, pres, freq = 1.3, 0.4, 0.25
+    seq = _seq(prompt, output, repetition_penalty=rep, presence_penalty=pres,
+               frequency_penalty=freq)
+    got = logits.clone()
+    apply_penalties(got, [seq], [0])
+    want = logits[0].tolist()
+    for t in set(prompt + output):
+        want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
+    for t in set(output):
+        want[t] -= freq * output.count(t) + pres
+    torch.testing.assert_close(got[0], torch.tensor(want))
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+    params = dict(temperature=0.8, top_k=4, top_p=0.9, max_tokens=1)
+    seq = _seq([0], [], **params)
+    sampler = Sampler([], seed=3)
+    draws = 20_000
+    counts = torch.zeros(6)
+    batch = 500
+    for _ in range(draws // batch):
+        out = sampler(logits.repeat(batch, 1), [seq] * batch)
+        counts += torch.bincount(torch.tensor(out.token_ids), minlength=6)
+    scaled = (logits[0] / 0.8).tolist()
+    kept = reference_filter(scaled, 4, 0.9, 0.0)
+    z = sum(math.exp(scaled[i]) for i in kept)
+    expected = torch.tensor([math.exp(scaled[i]) / z if i in kept else 0.0 for i in range(6)])
+    freq = counts / draws
+    assert counts[[i for i in range(6) if i not in kept]].sum() == 0
+    # 4 sigma of a binomial proportion at 20k draws is < 0.015.
+    assert (freq - expected).abs().max() < 0.015
+
+
+def test_greedy_rows_ignore_noise_and_min_tokens_masks_eos():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    eos = 1
+    s_min = _seq([0], [], temperature=0, min_tokens=2, max_tokens=4)
+    s_free = _seq([0], [], temperature=0, max_tokens=4)
+    out = Sampler([eos])(logits, [s_min, s_free])
+    assert out.token_ids == [2, 1]

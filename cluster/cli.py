@@ -1,0 +1,177 @@
+"""The `tandem` command line: generate, eval perplexity, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from cluster.default_model import DEFAULT_MODEL
+from protos.messages import SamplingParams
+
+# Errors that carry a message meant for the user: printed as one line, no traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, FileNotFoundError,
+                                                 msgspec.ValidationError)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help=f"Hugging Face folder or .gguf file (default: {DEFAULT_MODEL})")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="KV cache size on CPU (default: a quarter of free RAM, at most 4 GiB)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--cache-dir", default=None,
+                   help="where the default model and converted GGUF files are kept "
+                        "(default: ~/.cache/tandem)")
+
+
+def _make_llm(args: argparse.Namespace):
+    from cluster.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
+               enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+               num_threads=args.threads, cache_dir=args.cache_dir)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.seed if args.temperature > 0 else None, max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos, stop=tuple(args.stop or ()),
+        repetition_penalty=args.repetition_penalty)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        text = Path(args.prompts_file).read_text()
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args)
+    params = _sampling(args)
+    if args.server:
+        from cluster.client import generate_remote
+
+        return generate_remote(args, prompts, params)
+    llm = _make_llm(args)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           use_tqdm=len(prompts) > 1)
+    elif len(prompts) == 1 and not args.json:
+        # One prompt to a terminal: stream it.
+        for delta in llm.stream(prompts[0], params):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason,
+                              "num_prompt_tokens": out.num_prompt_tokens}, ensure_ascii=False))
+        else:
+            print(out.text if len(prompts) == 1 else f"--- {prompt}\n{out.text}")
+    return 0
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from cluster.perplexity import perplexity
+
+    llm = _make_llm(args)
+    text = Path(args.text).read_text()
+    tok = llm._need_tokenizer()
+    ids = tok.encode(text)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    result = perplexity(llm.engine, ids, window=args.window, stride=args.stride)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.3f} over {result.tokens_scored} tokens "
+              f"(window {result.window}, stride {result.stride}, "
+              f"{result.tokens_per_s:.0f} tokens/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="LLM serving on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline (or from a server)")
+    _engine_args(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="one prompt per line")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt per line, in prompt order")
+    g.add_argument("--server", default=None, help="HOST:PORT of a `tandem serve` to use instead")
+    g.add_argument("--api-key", default=None, help="API key for --server")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ppl = esub.add_parser("perplexity", help="sliding-window perplexity on a text file")
+    _engine_args(ppl)
+    ppl.add_argument("--text", required=True, help="a UTF-8 text file")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    ppl.add_argument("--window", type=int, default=1024)
+    ppl.add_argument("--stride", type=int, default=512)
+    ppl.add_argument("--seed", type=int, default=0)
+    ppl.add_argument("--json", action="store_true")
+    ppl.set_defaults(func=cmd_eval_perplexity)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

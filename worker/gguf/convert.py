@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from worker.gguf.errors import GGUFError
-from worker.gguf.reader import GGUFFile, hf_config, open_gguf, token_id
+from worker.gguf.reader import GGUFFile, check_architecture, hf_config, open_gguf, token_id
 from worker.gguf.safetensors_stream import write_safetensors
 from worker.gguf.tokenizer import build_tokenizer, end_token_ids, tokenizer_config
 from worker.gguf.weights import check_quant_types, hf_shapes, hf_tensors
@@ -97,8 +97,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
             f"dtype {dtype!r} is not supported for conversion; use one of {', '.join(_DTYPES)}."
         )
     gguf_file = open_gguf(gguf_path)
-    hf_config(gguf_file)  # fail on an unsupported architecture before any work
+    # Fail on what the user must change (architecture, quantization) before any work.
+    check_architecture(gguf_file)
     check_quant_types(gguf_file)
+    hf_config(gguf_file)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -1,0 +1,147 @@
+"""Paged attention: the Triton kernels (interpreted) and the torch reference, each against a
+naive per-token softmax(q K^T) V in float64."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from kernels.paged_attention import AttentionMetadata, paged_attention_reference
+from tests.kernels.kcheck import assert_close
+
+# (context length, query length) per sequence. Decodes (q = 1) and prefill chunks with a cached
+# past (q < ctx) and without (q == ctx), lengths that end mid-page and cross page boundaries.
+MIXED = [(37, 37), (90, 1), (53, 20), (3, 1), (70, 1), (18, 2)]
+
+
+def make_batch(
+    seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, window: int | None, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    pages = [math.ceil(ctx / block_size) for ctx, _ in seqs]
+    num_blocks = sum(pages) + 3  # spare pages hold random data that must never be read
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    order = list(range(num_blocks))
+    random.Random(seed).shuffle(order)  # pages of a sequence are scattered, not contiguous
+    tables, used = [], 0
+    for n in pages:
+        tables.append(order[used:used + n])
+        used += n
+    width = max(pages)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    qs = [0]
+    for _, q_len in seqs:
+        qs.append(qs[-1] + q_len)
+    query = torch.randn(qs[-1], num_heads, head_dim, generator=gen).to(dtype)
+    lens = [ctx for ctx, _ in seqs]
+    meta = AttentionMetadata(
+        query_start=torch.tensor(qs, dtype=torch.int32), seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=block_tables, block_size=block_size,
+        max_query_len=max(q for _, q in seqs), max_seq_len=max(lens),
+        query_start_host=qs, seq_lens_host=lens, sliding_window=window,
+    )
+    return query, k_cache, v_cache, meta, tables
+
+
+def to(
+    device: torch.device, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+    meta: AttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    meta = dataclasses.replace(meta, query_start=meta.query_start.to(device),
+                               seq_lens=meta.seq_lens.to(device),
+                               block_tables=meta.block_tables.to(device))
+    return q.to(device), kc.to(device), vc.to(device), meta
+
+
+def naive_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    tables: list[list[int]], scale: float,
+) -> torch.Tensor:
+    """Token by token, float64: gather the context's K/V page by page, mask, softmax, sum."""
+    num_heads = query.shape[1]
+    num_kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
+    rep = num_heads // num_kv_heads
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for i, ctx in enumerate(meta.seq_lens_host):
+        q0, q1 = meta.query_start_host[i], meta.query_start_host[i + 1]
+        k = torch.stack([k_cache[tables[i][p // bs], p % bs] for p in range(ctx)]).double()
+        v = torch.stack([v_cache[tables[i][p // bs], p % bs] for p in range(ctx)]).double()
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [ctx, Hq, D]
+        for j in range(q1 - q0):
+            p = ctx - (q1 - q0) + j
+            s = torch.einsum("hd,lhd->hl", query[q0 + j].double(), k) * scale
+            visible = torch.arange(ctx) <= p
+            if meta.sliding_window is not None:
+                visible &= torch.arange(ctx) > p - meta.sliding_window
+            s[:, ~visible] = float("-inf")
+            out[q0 + j] = torch.einsum("hl,lhd->hd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_reference_matches_naive(heads: tuple[int, int], window: int | None) -> None:
+    q, kc, vc, meta, tables = make_batch(MIXED, *heads, 32, 16, torch.float32, window, seed=1)
+    scale = 32 ** -0.5
+    out = paged_attention_reference(q, kc, vc, meta, scale)
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, scale), torch.float32, "reference")
+
+
+# (dtype, head_dim, (Hq, Hkv), window, partition_size, block_size): every value of each axis is
+# covered, and split-K (partition 32 < contexts up to 90) runs with and without a window, GQA
+# 1/4/8 and both head dims. The interpreter is slow, so this is a covering set, not a product.
+CASES = [
+    (torch.float32, 64, (2, 2), None, None, 16),
+    (torch.float32, 128, (8, 2), 7, 32, 16),
+    (torch.float32, 64, (8, 1), None, 32, 8),
+    (torch.float16, 128, (4, 1), None, None, 16),
+    (torch.float16, 64, (2, 2), 20, 32, 16),
+    (torch.bfloat16, 64, (8, 1), 7, None, 16),
+    (torch.bfloat16, 128, (2, 2), None, 32, 8),
+]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "heads", "window", "partition", "block_size"),
+                         CASES)
+def test_triton_matches_naive(
+    kernel_module, device, dtype: torch.dtype, head_dim: int, heads: tuple[int, int], window: int | None,
+    partition: int | None, block_size: int,
+) -> None:
+    mod = kernel_module("kernels.triton_paged_attention")
+    q, kc, vc, meta, tables = make_batch(MIXED, *heads, head_dim, block_size, dtype, window,
+                                         seed=hash((head_dim, heads, window)) % 1000)
+    scale = head_dim ** -0.5
+    out = mod.paged_attention_triton(*to(device, q, kc, vc, meta), scale,
+                                     partition_size=partition).cpu()
+    assert out.dtype == dtype
+    # Against the exact result of the same (rounded) inputs: the bound is the kernel's own error.
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, scale), dtype, "triton")
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_split_k_long_context(kernel_module, device, window: int | None) -> None:
+    """Decode-only batch (the prefill kernel is not launched): a long row split into 6
+    partitions, a short row whose later partitions are empty, and the no-split path."""
+    mod = kernel_module("kernels.triton_paged_attention")
+    seqs = [(300, 1), (20, 1), (129, 1)]
+    q, kc, vc, meta, tables = make_batch(seqs, 8, 2, 64, 16, torch.float32, window, seed=3)
+    ref = naive_attention(q, kc, vc, meta, tables, 0.125)
+    for partition in (64, None):
+        out = mod.paged_attention_triton(*to(device, q, kc, vc, meta), 0.125,
+                                         partition_size=partition).cpu()
+        assert_close(out, ref, torch.float32, f"partition {partition}")
+
+
+def test_prefill_only_batch_crosses_query_tiles(kernel_module, device) -> None:
+    """Chunks longer than one query tile (64 rows / GQA 4 = 16 tokens) with and without past."""
+    mod = kernel_module("kernels.triton_paged_attention")
+    seqs = [(40, 35), (70, 23)]
+    q, kc, vc, meta, tables = make_batch(seqs, 4, 1, 64, 16, torch.float16, None, seed=4)
+    out = mod.paged_attention_triton(*to(device, q, kc, vc, meta), 0.125).cpu()
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, 0.125), torch.float16, "prefill")

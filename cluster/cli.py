@@ -24,7 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help=f"Hugging Face folder or .gguf file (default: {DEFAULT_MODEL})")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+                   help="weights and KV dtype (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, "
+                        "else float32)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-bytes", type=int, default=None,
@@ -116,6 +117,56 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+# `tandem serve` flags that override ServeConfig fields: dest -> path in the config.
+_SERVE_FLAGS: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "cache_dir": ("cache_dir",),
+    "replicas": ("replicas",),
+    "preset": ("preset",),
+    "address": ("ray_address",),
+    "host": ("router", "host"),
+    "port": ("router", "port"),
+    "api_key": ("router", "api_keys"),
+    "tls_cert": ("router", "tls_cert_path"),
+    "tls_key": ("router", "tls_key_path"),
+    "replica_cpus": ("replica", "num_cpus"),
+    "replica_gpus": ("replica", "num_gpus"),
+    "dtype": ("engine", "dtype"),
+    "device": ("engine", "device"),
+    "max_model_len": ("engine", "max_model_len"),
+    "kv_cache_bytes": ("engine", "kv_cache_bytes"),
+    "block_size": ("engine", "block_size"),
+    "max_num_seqs": ("engine", "max_num_seqs"),
+    "max_num_batched_tokens": ("engine", "max_num_batched_tokens"),
+    "threads": ("engine", "num_threads"),
+    "seed": ("engine", "seed"),
+}
+
+
+def serve_overrides(args: argparse.Namespace) -> dict:
+    """The ServeConfig fields the user set on the command line (unset flags are None)."""
+    out: dict = {}
+    for dest, path in _SERVE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = list(value) if isinstance(value, list) else value
+    if args.no_prefix_caching:
+        out.setdefault("engine", {})["enable_prefix_caching"] = False
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.serve import run_serve
+    from cluster.serve_config import build_serve_config
+
+    config = build_serve_config(args.config, serve_overrides(args))
+    return run_serve(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -152,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--seed", type=int, default=0)
     ppl.add_argument("--json", action="store_true")
     ppl.set_defaults(func=cmd_eval_perplexity)
+
+    s = sub.add_parser("serve", help="serve a model over gRPC on a Ray cluster")
+    _engine_args(s)
+    s.add_argument("--config", default=None, help="a ServeConfig YAML file (flags override it)")
+    s.add_argument("--preset", choices=["latency", "throughput", "balanced"],
+                   help="scheduler limits (max_num_seqs, max_num_batched_tokens) for a goal")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 50051; 0: any free one)")
+    s.add_argument("--replicas", type=int, help="number of model replicas (default 1)")
+    s.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica (default 1)")
+    s.add_argument("--replica-gpus", type=int, choices=[0, 1], help="GPUs per replica (default 0)")
+    s.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+    s.add_argument("--api-key", action="append",
+                   help="accept this API key as `authorization: Bearer KEY` (repeatable)")
+    s.add_argument("--tls-cert", help="PEM certificate chain; serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--seed", type=int)
+    # Unset engine flags must not override the config file: None means "not given".
+    s.set_defaults(func=cmd_serve, **{dest: None for dest in _SERVE_FLAGS},
+                   no_prefix_caching=False)
 
     return parser
 

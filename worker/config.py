@@ -105,7 +105,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Everything one replica engine needs. Defaults suit a CPU laptop."""
 
     model: str
-    dtype: Dtype = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by KV)
     block_size: int = 16

@@ -16,7 +16,7 @@ def model(tiny_model_dir):
 
 
 def make_engine(model, **kw) -> Engine:
-    cfg = dict(model=str(model), kv_cache_bytes=1 << 22, block_size=4)
+    cfg = dict(model=str(model), dtype="float32", kv_cache_bytes=1 << 22, block_size=4)
     cfg.update(kw)
     return Engine(EngineConfig(**cfg))
 

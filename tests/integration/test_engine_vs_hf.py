@@ -49,14 +49,14 @@ def model_and_reference(request, tiny_model_dir):
 
 def test_greedy_equals_transformers(model_and_reference):
     kind, path, _, ref = model_and_reference
-    engine = Engine(EngineConfig(model=str(path), kv_cache_bytes=1 << 22, block_size=4))
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", kv_cache_bytes=1 << 22, block_size=4))
     assert engine_greedy(engine, PROMPTS) == ref, kind
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_logits_match_transformers(model_and_reference):
     _kind, path, hf, _ = model_and_reference
-    engine = Engine(EngineConfig(model=str(path), kv_cache_bytes=1 << 22, block_size=4))
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", kv_cache_bytes=1 << 22, block_size=4))
     prompt = PROMPTS[3]
     n = len(prompt)
     blocks = list(range(-(-n // 4)))
@@ -76,7 +76,7 @@ def test_preemption_keeps_greedy_tokens(model_and_reference):
 
     mc = ModelConfig.from_hf_dir(path)
     block_bytes = 2 * 2 * 4 * mc.num_kv_heads * 16 * 4
-    engine = Engine(EngineConfig(model=str(path), kv_cache_bytes=26 * block_bytes, block_size=4,
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", kv_cache_bytes=26 * block_bytes, block_size=4,
                                  max_num_batched_tokens=64))
     assert engine_greedy(engine, PROMPTS) == ref, kind
     assert engine.scheduler.num_preemptions > 0
@@ -85,7 +85,7 @@ def test_preemption_keeps_greedy_tokens(model_and_reference):
 
 def test_chunked_prefill_keeps_greedy_tokens(model_and_reference):
     kind, path, _, ref = model_and_reference
-    engine = Engine(EngineConfig(model=str(path), kv_cache_bytes=1 << 22, block_size=4,
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", kv_cache_bytes=1 << 22, block_size=4,
                                  max_num_batched_tokens=7, max_num_seqs=3))
     assert engine_greedy(engine, PROMPTS) == ref, kind
     assert engine.kv.num_free_blocks == engine.kv.num_blocks

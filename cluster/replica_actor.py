@@ -1,0 +1,152 @@
+"""ReplicaActor: the Ray actor hosting one replica's engine (rank 0), and how to start one.
+
+Everything crossing the actor boundary is msgspec-msgpack bytes (Requests, PollResults,
+ReplicaStats, ModelCard): Ray never pickles client data. The actor is async with room for
+several calls at once, so a long-poll waiting for the next step never holds up a submit or an
+abort. Tensor/pipeline ranks will join as further actors in the same placement group; rank 0
+keeps this interface and broadcasts step plans to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import (
+    create_replica_group,
+    remove_group,
+    replica_bundles,
+    wait_until_ready,
+)
+from cluster.serve_config import EngineSettings, ReplicaSettings
+from protos.messages import ModelCard, Request, encode
+from worker.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+# poll, submit, abort, stats and health may all be in flight together; the margin covers
+# callers that retry after a timeout while an earlier call is still running.
+MAX_CONCURRENCY = 32
+
+
+class ReplicaActor:
+    """Rank 0 of a replica: owns the AsyncEngine. Built with ray.remote in start_replica."""
+
+    def __init__(self, replica_id: str, engine_config: bytes, model_name: str,
+                 rank: int = 0) -> None:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Imported here so that importing this module (router side) stays free of torch.
+        from text.detokenizer import IncrementalDetokenizer
+        from text.tokenizer import Tokenizer
+        from worker.async_engine import AsyncEngine
+        from worker.engine import Engine
+
+        if rank != 0:
+            raise ValueError("only rank 0 is implemented: tensor/pipeline ranks come later")
+        config = msgspec.msgpack.decode(engine_config, type=EngineConfig)
+        model_dir = Path(config.model)
+        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
+            else None
+        engine = Engine(config, model_dir, tokenizer,
+                        IncrementalDetokenizer if tokenizer is not None else None)
+        self.replica_id = replica_id
+        self.card = ModelCard(name=model_name, max_model_len=engine.max_model_len,
+                              vocab_size=engine.model_config.vocab_size,
+                              eos_token_ids=list(engine.eos_token_ids),
+                              block_size=config.block_size)
+        self.engine = AsyncEngine(engine, replica_id=replica_id)
+        self._requests = msgspec.msgpack.Decoder(list[Request])
+        self._ids = msgspec.msgpack.Decoder(list[str])
+        log.info("replica %s ready: %s, %d KV blocks", replica_id, model_name,
+                 engine.kv.num_blocks)
+
+    async def ready(self) -> bytes:
+        return encode(self.card)
+
+    async def submit(self, requests: bytes) -> None:
+        self.engine.submit(self._requests.decode(requests))
+
+    async def poll(self, timeout_s: float) -> bytes:
+        return encode(await self.engine.poll(timeout_s))
+
+    async def abort(self, request_ids: bytes) -> None:
+        self.engine.abort(self._ids.decode(request_ids))
+
+    async def stats(self) -> bytes:
+        return encode(self.engine.stats())
+
+    async def health(self) -> str | None:
+        """None when healthy, else why not (the engine's failure)."""
+        return self.engine.error
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class StartedReplica(msgspec.Struct, kw_only=True):
+    """A running replica: its actor, its placement group and what it serves."""
+
+    replica_id: str
+    actor: Any  # ray.actor.ActorHandle
+    placement_group: PlacementGroup
+    card: ModelCard
+
+
+def engine_config_for(settings: EngineSettings, replica: ReplicaSettings,
+                      model_dir: str) -> EngineConfig:
+    config = settings.engine_config(model_dir)
+    if config.num_threads is None and not replica.num_gpus:
+        # torch's threads match the CPUs reserved for the replica, not the whole machine.
+        config = msgspec.structs.replace(config, num_threads=max(1, int(replica.num_cpus)))
+    return config
+
+
+async def start_replica(replica_id: str, config: EngineConfig, model_name: str,
+                        replica: ReplicaSettings) -> StartedReplica:
+    """Reserves a placement group, starts the actor in it and waits until the model is loaded.
+
+    On any failure the group is removed and the actor killed before the error propagates.
+    """
+    bundles = replica_bundles(replica.num_cpus, replica.num_gpus, replica.tensor_parallel_size,
+                              replica.pipeline_parallel_size)
+    pg = create_replica_group(f"tandem-{replica_id}", bundles)
+    actor = None
+    try:
+        await wait_until_ready(pg, bundles, replica.start_timeout_s)
+        actor_class = ray.remote(ReplicaActor)
+        actor = actor_class.options(
+            name=None,  # not a named actor: the controller that made it holds the only handle
+            num_cpus=bundles[0]["CPU"],
+            num_gpus=bundles[0].get("GPU", 0),
+            max_concurrency=MAX_CONCURRENCY,
+            max_restarts=0,  # the controller replaces a dead replica with a fresh one
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True),
+        ).remote(replica_id, encode(config), model_name)
+        card_bytes = await _with_timeout(actor.ready.remote(), replica.start_timeout_s,
+                                         f"replica {replica_id} did not load the model")
+        card = msgspec.msgpack.decode(card_bytes, type=ModelCard)
+    except BaseException:
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+        remove_group(pg)
+        raise
+    return StartedReplica(replica_id=replica_id, actor=actor, placement_group=pg, card=card)
+
+
+async def _with_timeout(ref: Any, timeout_s: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(ref, timeout_s)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what} within {timeout_s:g} s") from None
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"{what}: the actor died while starting: {exc}") from None

@@ -51,7 +51,11 @@ class _PrefillChunk:
     q_start: int
     q_end: int
     slots: torch.Tensor  # [L] flat cache rows of the context
-    mask: torch.Tensor | None  # [q_len, L] bool, True = attend; None = plain causal (q_len == L)
+    # [q_len, L] bool, True = attend. None: causal without a window, computed as a maskless
+    # pass over the cached past merged with a causal pass over the chunk itself, because
+    # SDPA's explicit-mask path on CPU is ~8x slower than its fused causal kernel.
+    mask: torch.Tensor | None
+    past_len: int
 
 
 @dataclass
@@ -95,12 +99,10 @@ class _ReferencePlan:
             table = meta.block_tables[i].long()
             slots = table[pos // bs] * bs + pos % bs
             mask = None
-            if q_len != ctx or (window is not None and window < ctx):
+            if window is not None and window < ctx:
                 q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
-                mask = pos.unsqueeze(0) <= q_pos
-                if window is not None:
-                    mask &= pos.unsqueeze(0) > q_pos - window
-            chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask))
+                mask = (pos.unsqueeze(0) <= q_pos) & (pos.unsqueeze(0) > q_pos - window)
+            chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask, ctx - q_len))
         return _ReferencePlan(decode_token_idx, decode_slots, decode_mask,
                               len(decode_rows) == len(sl), chunks)
 
@@ -139,13 +141,55 @@ def paged_attention_reference(
 
     for c in plan.chunks:
         q = query[c.q_start:c.q_end].transpose(0, 1)  # [Hq, q_len, D]
-        k = k_flat.index_select(0, c.slots).transpose(0, 1)  # [Hkv, L, D]
-        v = v_flat.index_select(0, c.slots).transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=c.mask, is_causal=c.mask is None, scale=scale, enable_gqa=gqa
-        )
+        # Expanding KV heads beats enable_gqa here: in bf16 enable_gqa leaves the fused kernel.
+        k = _expand_heads(k_flat.index_select(0, c.slots), num_heads)  # [Hq, L, D]
+        v = _expand_heads(v_flat.index_select(0, c.slots), num_heads)
+        # 4-D inputs: with 3-D ones SDPA on CPU silently takes its slow math path.
+        if c.mask is not None:
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=c.mask,
+                                               scale=scale)[0]
+        elif c.past_len == 0:
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                               scale=scale)[0]
+        else:
+            o = _past_plus_causal(q, k, v, c.past_len, scale)
         out[c.q_start:c.q_end] = o.transpose(0, 1)
     return out
+
+
+def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[L, Hkv, D] -> [Hq, L, D], each KV head repeated for its query-head group."""
+    length, num_kv_heads, head_dim = x.shape
+    x = x.transpose(0, 1)
+    if num_kv_heads == num_heads:
+        return x
+    group = num_heads // num_kv_heads
+    return x.unsqueeze(1).expand(num_kv_heads, group, length, head_dim).reshape(
+        num_heads, length, head_dim)
+
+
+def _past_plus_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                      scale: float) -> torch.Tensor:
+    """Attention of a chunk to [cached past | itself], as two fused passes merged exactly.
+
+    softmax over the union = the two partial results weighted by exp(lse_part - lse_total)
+    (the flash-attention / cascade-attention merge), where lse is each pass's log-sum-exp.
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None or q.device.type != "cpu":
+        q_len, ctx = q.shape[1], k.shape[1]
+        pos = torch.arange(ctx, device=q.device)
+        mask = pos.unsqueeze(0) <= torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                              scale=scale)[0]
+    o1, l1 = flash(q.unsqueeze(0), k[:, :past].unsqueeze(0), v[:, :past].unsqueeze(0), 0.0,
+                   False, scale=scale)[:2]
+    o2, l2 = flash(q.unsqueeze(0), k[:, past:].unsqueeze(0), v[:, past:].unsqueeze(0), 0.0,
+                   True, scale=scale)[:2]
+    lse = torch.logaddexp(l1, l2)
+    w1 = (l1 - lse).exp().unsqueeze(-1)
+    w2 = (l2 - lse).exp().unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(q.dtype).squeeze(0)
 
 
 def paged_attention(

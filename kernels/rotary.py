@@ -17,7 +17,8 @@ def rotary_embedding_reference(
     key: torch.Tensor,  # [T, Hkv, D]
     cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] fp32: cos in the first half, sin in the second
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos_sin = cos_sin_cache.index_select(0, positions)
+    # Like Hugging Face: cos/sin are computed in fp32, then the rotation runs in the model dtype.
+    cos_sin = cos_sin_cache.index_select(0, positions).to(query.dtype)
     cos, sin = cos_sin.chunk(2, dim=-1)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
@@ -25,8 +26,8 @@ def rotary_embedding_reference(
     def rotate(x: torch.Tensor) -> torch.Tensor:
         rot_dim = cos.shape[-1] * 2
         x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-        x1, x2 = x_rot.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
     return rotate(query), rotate(key)

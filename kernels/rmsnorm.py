@@ -23,8 +23,7 @@ def rms_norm_reference(
 def _rms_norm_fast_cpu(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    # torch's fused kernel (it accumulates in fp32 for bf16/fp16 too); equals the reference to
-    # rounding.
+    # torch's fused kernel; in fp32 it equals the reference to rounding.
     if residual is not None:
         x = x + residual
         residual = x
@@ -39,4 +38,7 @@ def rms_norm(
         from kernels.triton_rmsnorm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
-    return _rms_norm_fast_cpu(x, weight, eps, residual)
+    if x.dtype == torch.float32:
+        return _rms_norm_fast_cpu(x, weight, eps, residual)
+    # In bf16/fp16 torch's kernel loses accuracy that Hugging Face's fp32 normalisation keeps.
+    return rms_norm_reference(x, weight, eps, residual)

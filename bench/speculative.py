@@ -1,0 +1,147 @@
+"""Speculative decoding on the default model: batch-1 decode speed with and without each
+proposer (same greedy output required), acceptance, and batch-32 throughput.
+
+    python -m bench.speculative [--draft-model DIR] [--max-tokens 96] [--json out.json]
+
+Each configuration is one LLM (one engine) over the same prompts; outputs are compared token
+for token with the first method (none). Runs alternate between the engines; timings are medians
+over `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from cluster.llm import LLM
+from protos.messages import SamplingParams
+
+AUSTEN = Path(__file__).parents[1].parent / "shared" / "data" / "austen.txt"
+
+# name -> (prompt, chat?): a copy-heavy prompt, an open chat question, and a novel to continue.
+PROMPTS: dict[str, tuple[str, bool]] = {
+    "repetitive": ("Repeat this list three times, one item per line:\napples, pears, plums, "
+                   "cherries, grapes, lemons, oranges, melons, peaches, figs", True),
+    "chat": ("Explain in a few sentences why the sky is blue.", True),
+    "austen": ("", False),  # filled from austen.txt
+}
+
+
+def austen_prompt(chars: int = 1200) -> str:
+    text = AUSTEN.read_text() if AUSTEN.is_file() else "It is a truth universally acknowledged"
+    start = len(text) // 3
+    return text[start:start + chars]
+
+
+def run_one(llm: LLM, prompt: str, chat: bool, params: SamplingParams) -> tuple[list[int], float]:
+    t0 = time.perf_counter()
+    if chat:
+        out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+    else:
+        out = llm.generate(prompt, params)[0]
+    return out.token_ids, time.perf_counter() - t0
+
+
+def spec_counts(llm: LLM) -> tuple[int, int, int, int, float]:
+    s = llm.engine.stats()
+    return (s.spec_proposed_tokens_total, s.spec_accepted_tokens_total,
+            s.spec_verifications_total, s.spec_emitted_tokens_total,
+            s.spec_proposer_seconds_total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--draft-model", default=None, help="draft folder (default: the shipped one)")
+    ap.add_argument("--methods", default="none,ngram,draft")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 (default): bit-identical outputs are expected; with bfloat16 "
+                         "a k+1-token forward rounds differently from a 1-token one")
+    ap.add_argument("--prompts", default=",".join(PROMPTS), help="which batch-1 prompts")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    PROMPTS["austen"] = (austen_prompt(), False)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    batch_params = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens, ignore_eos=True)
+    batch_prompts = [f"Write a short note number {i} about {w}." for i, w in
+                     enumerate(["tea", "rain", "ships", "bread", "maps", "owls", "clocks",
+                                "bees"] * (args.batch // 8 + 1))][:args.batch]
+
+    # All engines live side by side and runs alternate between them, so that load from other
+    # work on the machine hits every method alike (../shared/FACTS.md: compare inside one run).
+    methods = args.methods.split(",")
+    llms: dict[str, LLM] = {}
+    for method in methods:
+        spec = None if method == "none" else method
+        llms[method] = LLM(None, num_threads=args.threads, dtype=args.dtype, speculative=spec,
+                           kv_cache_bytes=256 << 20,
+                           draft_model=args.draft_model if spec in ("draft", "pool") else None,
+                           num_speculative_tokens=args.k if spec else None)
+        run_one(llms[method], "Hello", True, SamplingParams(max_tokens=4, temperature=0.0))
+
+    rows: list[dict] = []
+    for name in args.prompts.split(","):
+        prompt, chat = PROMPTS[name]
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        tokens: dict[str, list[int]] = {}
+        before = {m: spec_counts(llms[m]) for m in methods}
+        for _ in range(args.repeats):
+            for m in methods:
+                tokens[m], dt = run_one(llms[m], prompt, chat, params)
+                times[m].append(dt)
+        for m in methods:
+            d = [a - b for a, b in zip(spec_counts(llms[m]), before[m])]
+            dt = statistics.median(times[m])
+            rows.append({
+                "method": m, "prompt": name, "batch": 1, "tokens": len(tokens[m]),
+                "tokens_per_s": len(tokens[m]) / dt,
+                "identical": tokens[m] == tokens[methods[0]],
+                "acceptance": d[1] / d[0] if d[0] else None,
+                "mean_accepted_length": d[3] / d[2] if d[2] else None,
+                "proposer_s_per_token": d[4] / (len(tokens[m]) * args.repeats) if m != "none"
+                else None,
+            })
+            print(rows[-1], flush=True)
+    batch_times: dict[str, list[float]] = {m: [] for m in methods}
+    batch_out: dict[str, list[int]] = {}
+    for _ in range(args.repeats):
+        for m in methods:
+            t0 = time.perf_counter()
+            batch_out[m] = [t for o in llms[m].generate(batch_prompts, batch_params)
+                            for t in o.token_ids]
+            batch_times[m].append(time.perf_counter() - t0)
+    for m in methods:
+        n = len(batch_out[m])
+        rows.append({"method": m, "prompt": f"{args.batch} notes", "batch": args.batch,
+                     "tokens": n, "tokens_per_s": n / statistics.median(batch_times[m]),
+                     "identical": batch_out[m] == batch_out[methods[0]], "acceptance": None,
+                     "mean_accepted_length": None, "proposer_s_per_token": None})
+        print(rows[-1], flush=True)
+
+    base = {(r["prompt"], r["batch"]): r["tokens_per_s"] for r in rows if r["method"] == "none"}
+    print("\n| method | prompt | batch | tokens | tokens/s | speed-up | same output | acceptance "
+          "| tokens/verify |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base[(r["prompt"], r["batch"])] \
+            if (r["prompt"], r["batch"]) in base else None
+        acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
+        mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] is not None else "-"
+        print(f"| {r['method']} | {r['prompt']} | {r['batch']} | {r['tokens']} | "
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical']} | {acc} | "
+              f"{mal} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""--speculative and friends reach the engine from LLM, `tandem generate` and `tandem serve`."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.cli import build_parser, serve_overrides
+from cluster.serve_config import build_serve_config
+from cluster.speculative import speculative_config
+from protos.messages import SamplingParams
+from worker.config import ConfigError
+
+
+def test_serve_flags_fill_engine_speculative():
+    args = build_parser().parse_args(["serve", "--speculative", "pool", "--draft-model", "/d",
+                                      "--num-speculative-tokens", "3", "--draft-replicas", "2"])
+    config = build_serve_config(None, serve_overrides(args))
+    spec = config.engine.speculative
+    assert (spec.method, spec.draft_model, spec.num_speculative_tokens, spec.draft_replicas) == \
+        ("pool", "/d", 3, 2)
+    assert build_serve_config(None, serve_overrides(build_parser().parse_args(["serve"]))) \
+        .engine.speculative is None
+
+
+def test_generate_flags_parse():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--speculative", "ngram",
+                                      "--num-speculative-tokens", "2"])
+    assert args.speculative == "ngram" and args.num_speculative_tokens == 2
+
+
+def test_flag_errors_are_clear():
+    with pytest.raises(ValueError, match="need --speculative"):
+        speculative_config(None, draft_model="/d")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        speculative_config("ngram", num_speculative_tokens=0)
+
+
+def test_llm_with_ngram_matches_plain(tiny_model_dir):
+    from cluster.llm import LLM
+
+    model = str(tiny_model_dir("llama-gqa"))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [40, 41, 42, 43]]
+    kw = dict(dtype="float32", kv_cache_bytes=1 << 22, block_size=4)
+    plain = [o.token_ids for o in LLM(model, **kw).generate(prompts, params)]
+    llm = LLM(model, speculative="ngram", num_speculative_tokens=3, **kw)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+    with pytest.raises(ConfigError, match="--draft-model"):
+        LLM(model, speculative="draft", **kw)

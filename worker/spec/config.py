@@ -1,0 +1,53 @@
+"""SpeculativeConfig: which proposer, how many tokens, and when speculation stands down."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Method = Literal["ngram", "draft", "pool"]
+
+
+class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Speculative decoding settings of one engine (EngineConfig.speculative; None: off).
+
+    k adapts per sequence between 1 and `num_speculative_tokens` from an EMA of its acceptance
+    rate; a step with more running sequences than `max_batch_size` does not speculate (a batched
+    forward is no longer bound by reading the weights, so extra positions cost real compute).
+    """
+
+    method: Method = "ngram"
+    num_speculative_tokens: int = 4  # the most tokens proposed per sequence and step (k)
+    draft_model: str | None = None  # draft/pool: HF folder (None: the shipped draft, if any)
+    draft_replicas: int = 1  # pool: number of draft actors, shared by all replicas
+    draft_dtype: str = "auto"
+    draft_kv_cache_bytes: int = 64 << 20  # each draft's own paged KV cache
+    draft_num_cpus: float = 1.0  # pool: CPUs reserved per draft actor
+    draft_num_gpus: float = 0.0  # pool: GPU share per draft actor (0: the draft runs on CPU)
+    pool_name: str | None = None  # pool: actor name prefix, set by whoever starts the pool
+    ngram_max: int = 4  # n-gram: longest suffix matched
+    ngram_min: int = 2  # n-gram: shortest suffix matched
+    max_batch_size: int = 8  # more running sequences than this: no speculation this step
+    min_acceptance: float = 0.3  # a sequence whose EMA falls below this stops proposing
+    ema_decay: float = 0.7  # weight of the past in the acceptance EMA
+    probe_every: int = 8  # a sequence that stopped proposing tries k=1 every this many steps
+    draft_timeout_s: float = 5.0  # pool: a draft actor slower than this counts as dead
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"speculative: {msg}")
+
+        need(1 <= self.num_speculative_tokens <= 16,
+             f"num_speculative_tokens must be in [1, 16] (got {self.num_speculative_tokens})")
+        need(self.draft_replicas >= 1, f"draft_replicas must be >= 1 (got {self.draft_replicas})")
+        need(1 <= self.ngram_min <= self.ngram_max,
+             f"need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
+        need(self.max_batch_size >= 1, f"max_batch_size must be >= 1 (got {self.max_batch_size})")
+        need(0 <= self.min_acceptance < 1, "min_acceptance must be in [0, 1)")
+        need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        need(self.draft_kv_cache_bytes > 0, "draft_kv_cache_bytes must be > 0")
+        need(self.draft_timeout_s > 0, "draft_timeout_s must be > 0")
+        need(self.draft_num_cpus > 0 and self.draft_num_gpus >= 0,
+             "draft_num_cpus must be > 0 and draft_num_gpus >= 0")

@@ -1,0 +1,52 @@
+"""Builds an engine's SpecDecoder from its SpeculativeConfig (the registry of proposers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from worker.config import ConfigError
+from worker.spec.config import SpeculativeConfig
+from worker.spec.decoder import SpecDecoder
+from worker.spec.proposer import NgramProposer, Proposer
+
+
+def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Path:
+    """No draft ships with Tandem (the one worker/spec/train_draft.py makes for SmolLM2 lost to
+    n-gram lookup here; docs in the module), so draft and pool need --draft-model."""
+    if config.draft_model is None:
+        raise ConfigError(f"speculative method {config.method!r} needs a draft model: give "
+                          f"--draft-model DIR (a small model with {Path(target_dir).name}'s "
+                          "tokenizer; worker/spec/train_draft.py makes one)")
+    return Path(config.draft_model)
+
+
+def build_proposer(config: SpeculativeConfig, engine: Any,
+                   draft_actors: list[Any] | None = None) -> Proposer:
+    """`engine`: the worker.engine.Engine being built (its config, model config and eos ids)."""
+    if config.method == "ngram":
+        return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.method == "draft":
+        from worker.spec.draft_proposer import DraftModelProposer
+        from worker.spec.draft_worker import DraftWorker
+
+        worker = DraftWorker(resolve_draft_model(config, engine.config.model), config,
+                             target_vocab_size=engine.model_config.vocab_size,
+                             device=engine.config.device, seed=engine.config.seed)
+        return DraftModelProposer(worker, engine.eos_token_ids)
+    if config.method == "pool":
+        from worker.spec.pool import DraftPoolProposer
+
+        if not draft_actors:
+            raise ConfigError("speculative method 'pool' needs draft actors: start them with "
+                              "worker.spec.draft_actor.start_draft_pool and pass draft_actors")
+        return DraftPoolProposer(draft_actors, engine.eos_token_ids,
+                                 engine.model_config.vocab_size, timeout_s=config.draft_timeout_s)
+    raise ConfigError(f"unknown speculative method {config.method!r}")
+
+
+def build_spec_decoder(config: SpeculativeConfig, engine: Any,
+                       draft_actors: list[Any] | None = None) -> SpecDecoder:
+    proposer = build_proposer(config, engine, draft_actors)
+    return SpecDecoder(config, proposer, engine.eos_token_ids, engine.max_model_len,
+                       engine.model_config.vocab_size)

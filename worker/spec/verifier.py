@@ -1,0 +1,54 @@
+"""Verification of proposed tokens against the target: lossless by construction.
+
+Greedy (temperature 0): accept the longest prefix of the proposal that equals the target's
+argmax at each position, then emit the target's argmax where they first differ (or the bonus
+token after the last proposal). The output is exactly what greedy decoding would produce.
+
+Sampled: speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023, Alg. 2). With
+target distributions p_0..p_m at the m+1 scored positions and draft distributions q_0..q_{m-1}
+from which x_1..x_m were drawn:
+  accept x_{j+1} with probability min(1, p_j(x_{j+1}) / q_j(x_{j+1}));
+  at the first rejection emit a draw from norm(max(0, p_j - q_j)) and stop;
+  if all m are accepted emit a bonus draw from p_m.
+Each emitted token is then distributed exactly as p_j: P(x) = min(q(x), p(x)) + (1 - sum_y
+min(q(y), p(y))) * max(0, p(x) - q(x)) / sum_y max(0, p(y) - q(y)) = p(x). A proposer without
+a distribution (n-gram) is a point mass q = delta_x: accept with probability p(x), on
+rejection draw from p with x removed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify_greedy(target_logits: torch.Tensor, proposal: list[int]) -> list[int]:
+    """Emitted tokens (accepted proposals + one target token) from processed logits [m+1, V]."""
+    best = target_logits.argmax(-1).tolist()
+    a = 0
+    while a < len(proposal) and best[a] == proposal[a]:
+        a += 1
+    return [*proposal[:a], best[a]]
+
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, proposal: list[int],
+                   generator: torch.Generator | None) -> list[int]:
+    """Emitted tokens by rejection sampling. p: [m+1, V] target probabilities; q: [m, V] draft
+    probabilities, or None for point masses at the proposal."""
+    m = len(proposal)
+    u = torch.rand(m, generator=generator, dtype=torch.float64).tolist() if m else []
+    for j, x in enumerate(proposal):
+        px = float(p[j, x])
+        qx = float(q[j, x]) if q is not None else 1.0
+        if qx > 0 and u[j] * qx < px:  # u < p/q, i.e. probability min(1, p/q)
+            continue
+        if q is not None:
+            residual = (p[j] - q[j]).clamp_min(0)
+        else:
+            residual = p[j].clone()
+            residual[x] = 0
+        total = float(residual.sum())
+        if total <= 0:  # p == q up to rounding: the rejection had probability ~0
+            residual, total = p[j], float(p[j].sum())
+        token = int(torch.multinomial(residual / total, 1, generator=generator))
+        return [*proposal[:j], token]
+    return [*proposal, int(torch.multinomial(p[m], 1, generator=generator))]

@@ -44,7 +44,8 @@ def bench_tandem(args, model_dir: Path, prompts: list[list[int]]) -> dict:
     t0 = time.perf_counter()
     llm = LLM(str(model_dir), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_bytes=args.kv_cache_bytes, num_threads=args.threads)
+              kv_cache_bytes=args.kv_cache_bytes, num_threads=args.threads,
+              quantization=args.quantization)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=2))  # warm caches
@@ -56,7 +57,8 @@ def bench_tandem(args, model_dir: Path, prompts: list[list[int]]) -> dict:
     gen = sum(len(o.token_ids) for o in outs)
     total = eng.times.total - total0
     model = eng.times.model - model0
-    return dict(system="tandem", requests=len(prompts), generated_tokens=gen,
+    return dict(system="tandem", quantization=args.quantization,
+                weight_mib=eng.runner.weight_bytes() / 2**20, requests=len(prompts), generated_tokens=gen,
                 prompt_tokens=sum(map(len, prompts)), seconds=elapsed,
                 output_tokens_per_s=gen / elapsed, startup_s=startup,
                 steps=eng.times.steps - steps0,
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int, default=2 << 30)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
+                   help="Tandem's weight format (transformers always runs --dtype)")
     p.add_argument("--hf-prompts", type=int, default=16,
                    help="how many prompts transformers runs (it is slow); 0 skips it")
     p.add_argument("--hf-single-prompts", type=int, default=2,
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['system']:<26}{r['requests']:>9}{r['output_tokens_per_s']:>10.1f}"
               f"{ratio:>10.2f}{r.get('identical_to_tandem', '-'):>10}")
     t = results[0]
+    print(f"tandem weights: {t['quantization'] or args.dtype}, {t['weight_mib']:.1f} MiB")
     print(f"tandem: {t['steps']} steps, engine overhead {t['engine_overhead'] * 100:.1f}% of step "
           f"time, start-up {t['startup_s']:.1f} s")
     for r in results:

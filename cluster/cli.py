@@ -38,6 +38,37 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None,
                    help="where the default model and converted GGUF files are kept "
                         "(default: ~/.cache/tandem)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
+                   help="weight-only: int8 per channel, int4 group-wise, or gguf (keep a .gguf "
+                        "model's Q4_0/Q4_1/Q8_0 blocks); GPTQ/AWQ folders need no flag")
+    g.add_argument("--quant-group-size", type=int, default=None,
+                   help="int4 group size: 32 (default), 64, 128 or 256")
+    par = p.add_argument_group("parallelism (one Ray actor per rank; docs/parallelism.md)")
+    par.add_argument("--tp", type=int, default=None,
+                     help="tensor-parallel ranks per replica (default 1)")
+    par.add_argument("--pp", type=int, default=None,
+                     help="pipeline stages per replica (default 1)")
+    par.add_argument("--pp-layers", type=_int_list, default=None,
+                     help="decoder layers per stage, e.g. 3,5 (default: even split)")
+    sp = p.add_argument_group("speculative decoding (worker/spec/)")
+    sp.add_argument("--speculative", default=None, choices=["ngram", "draft", "pool"],
+                    help="ngram: prompt lookup; draft: a draft model in the engine; pool: "
+                         "draft-model Ray actors shared by all replicas (default: off)")
+    sp.add_argument("--draft-model", default=None,
+                    help="draft model folder for draft/pool (a small model sharing the target's "
+                         "tokenizer; worker/spec/train_draft.py makes one)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=None,
+                    help="most tokens proposed per step (default 4; adapts to acceptance)")
+    sp.add_argument("--draft-replicas", type=int, default=None,
+                    help="pool: number of draft actors (default 1)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,5 "
+                                         f"(got {text!r})") from None
 
 
 def _make_llm(args: argparse.Namespace):
@@ -47,7 +78,12 @@ def _make_llm(args: argparse.Namespace):
                kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
                enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-               num_threads=args.threads, cache_dir=args.cache_dir)
+               num_threads=args.threads, cache_dir=args.cache_dir,
+               quantization=args.quantization, quant_group_size=args.quant_group_size or 32,
+               tensor_parallel_size=args.tp or 1, pipeline_parallel_size=args.pp or 1,
+               pipeline_layers=args.pp_layers, speculative=args.speculative,
+               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+               draft_replicas=args.draft_replicas)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -76,6 +112,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         return generate_remote(args, prompts, params)
     llm = _make_llm(args)
+    try:
+        return _generate_local(llm, args, prompts, params)
+    finally:
+        llm.shutdown()  # a parallel replica's actors (and the local Ray it started)
+
+
+def _generate_local(llm, args: argparse.Namespace, prompts: list[str],
+                    params: SamplingParams) -> int:
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
                            use_tqdm=len(prompts) > 1)
@@ -101,6 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from cluster.perplexity import perplexity
 
+    if (args.tp or 1) * (args.pp or 1) > 1:
+        raise ValueError("eval perplexity runs in one process: drop --tp/--pp")
     llm = _make_llm(args)
     text = Path(args.text).read_text()
     tok = llm._need_tokenizer()
@@ -124,6 +170,8 @@ _SERVE_FLAGS: dict[str, tuple[str, ...]] = {
     "replicas": ("replicas",),
     "preset": ("preset",),
     "address": ("ray_address",),
+    "name": ("name",),
+    "router_node": ("router_node",),
     "host": ("router", "host"),
     "port": ("router", "port"),
     "api_key": ("router", "api_keys"),
@@ -131,6 +179,9 @@ _SERVE_FLAGS: dict[str, tuple[str, ...]] = {
     "tls_key": ("router", "tls_key_path"),
     "replica_cpus": ("replica", "num_cpus"),
     "replica_gpus": ("replica", "num_gpus"),
+    "tp": ("replica", "tensor_parallel_size"),
+    "pp": ("replica", "pipeline_parallel_size"),
+    "pp_layers": ("replica", "pipeline_layers"),
     "dtype": ("engine", "dtype"),
     "device": ("engine", "device"),
     "max_model_len": ("engine", "max_model_len"),
@@ -139,7 +190,13 @@ _SERVE_FLAGS: dict[str, tuple[str, ...]] = {
     "max_num_seqs": ("engine", "max_num_seqs"),
     "max_num_batched_tokens": ("engine", "max_num_batched_tokens"),
     "threads": ("engine", "num_threads"),
+    "quantization": ("engine", "quantization"),
+    "quant_group_size": ("engine", "quant_group_size"),
     "seed": ("engine", "seed"),
+    "speculative": ("engine", "speculative", "method"),
+    "draft_model": ("engine", "speculative", "draft_model"),
+    "num_speculative_tokens": ("engine", "speculative", "num_speculative_tokens"),
+    "draft_replicas": ("engine", "speculative", "draft_replicas"),
 }
 
 
@@ -165,6 +222,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = build_serve_config(args.config, serve_overrides(args))
     return run_serve(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status import run_status
+
+    return run_status(args.address, args.name, args.json)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from cluster.plan import GPUS, KNOWN_MODELS, QUANT_BYTES
+
+    p.add_argument("--model", required=True,
+                   help=f"a folder with config.json, a .gguf, or one of {', '.join(KNOWN_MODELS)}")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--quantization", default=None, choices=list(QUANT_BYTES))
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu", default="h100-80gb", choices=list(GPUS))
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--price-per-hour", type=float, default=None, help="$ per GPU-hour")
+    p.add_argument("--tokens-per-s", type=float, default=None,
+                   help="measured or expected output tokens/s of one replica")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cluster.plan import PlanInput, model_shape, plan, render, to_json
+
+    name, shape = model_shape(args.model)
+    inp = PlanInput(tp=args.tp, pp=args.pp, quantization=args.quantization,
+                    group_size=args.group_size, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens, gpu=args.gpu,
+                    memory_utilization=args.gpu_memory_utilization,
+                    price_per_hour=args.price_per_hour, tokens_per_s=args.tokens_per_s)
+    result = plan(name, shape, inp)
+    print(to_json(result, inp) if args.json else render(result, inp))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, help="number of model replicas (default 1)")
     s.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica (default 1)")
     s.add_argument("--replica-gpus", type=int, choices=[0, 1], help="GPUs per replica (default 0)")
-    s.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+    s.add_argument("--address", help="join this Ray cluster (default: start a local Ray; "
+                                     "`auto` inside a cluster or a Ray job)")
+    s.add_argument("--name", help="deployment name, unique per cluster (default: default)")
+    s.add_argument("--router-node",
+                   help="pin the router: `head`, or a custom resource its node declares")
     s.add_argument("--api-key", action="append",
                    help="accept this API key as `authorization: Bearer KEY` (repeatable)")
     s.add_argument("--tls-cert", help="PEM certificate chain; serve TLS (with --tls-key)")
@@ -223,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Unset engine flags must not override the config file: None means "not given".
     s.set_defaults(func=cmd_serve, **{dest: None for dest in _SERVE_FLAGS},
                    no_prefix_caching=False)
+
+    st = sub.add_parser("status", help="a deployment's replicas, nodes, load and health")
+    st.add_argument("--address", default="auto",
+                    help="the Ray cluster (default: auto, the one this machine belongs to)")
+    st.add_argument("--name", default="default", help="the deployment's name (default: default)")
+    st.add_argument("--json", action="store_true", help="the status as JSON")
+    st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", help="will a model fit a GPU layout; KV capacity; cost")
+    _plan_args(pl)
+    pl.set_defaults(func=cmd_plan)
 
     return parser
 

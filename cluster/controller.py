@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import ray
 
@@ -26,6 +27,7 @@ from cluster.ray_replica import RayReplicaHandle
 from cluster.replica_actor import StartedReplica, start_replica
 from cluster.serve_config import ReplicaSettings
 from protos.messages import ModelCard
+from router.replica import ReplicaHandle
 from router.server import RouterServer
 from worker.config import EngineConfig
 
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 
 class Controller:
     def __init__(self, engine_config: EngineConfig, model_name: str, num_replicas: int,
-                 settings: ReplicaSettings) -> None:
+                 settings: ReplicaSettings, *,
+                 wrap_handle: Callable[[RayReplicaHandle], ReplicaHandle] | None = None) -> None:
+        """wrap_handle: decorates each replica's handle before the router gets it (metrics)."""
         self.engine_config = engine_config
         self.model_name = model_name
         self.num_replicas = num_replicas
@@ -44,6 +48,9 @@ class Controller:
         self._server: RouterServer | None = None
         self._next_index = 0
         self._replacing: set[str] = set()
+        self._wrap_handle = wrap_handle
+        self.num_starting = 0  # replicas the autoscaler asked for that are not serving yet
+        self.draining: dict[str, StartedReplica] = {}  # scaled down, finishing their requests
         self._tasks: set[asyncio.Task] = set()
         self._health_task: asyncio.Task | None = None
         self._closed = False
@@ -63,7 +70,7 @@ class Controller:
             raise errors[0]
         return next(iter(self.replicas.values())).card
 
-    def handles(self) -> list[RayReplicaHandle]:
+    def handles(self) -> list[ReplicaHandle]:
         return [self._handle(r) for r in self.replicas.values()]
 
     def attach(self, server: RouterServer) -> None:
@@ -137,6 +144,49 @@ class Controller:
                   (time.monotonic() - t0) * 1000)
         return None
 
+    # -- scaling (the autoscaler's two verbs; cluster/fleet_monitor.py decides) -----------------
+
+    def scale_up(self, count: int) -> None:
+        """Starts `count` more replicas in the background. Each asks Ray for a placement group:
+        where no node has room, the Ray autoscaler (KubeRay's) adds one; a replica joins the
+        router once its model is loaded. A start that fails is logged and not retried: the next
+        decision sees the count it left and asks again."""
+        for _ in range(count):
+            self._spawn(self._add_one())
+
+    async def scale_down(self, replica_id: str) -> None:
+        """Drains one replica out of the router (no new requests; in-flight ones finish, for up
+        to the router's drain_timeout_s, then move), then kills it and removes its group."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is None or self._closed:
+            return
+        self.draining[replica_id] = replica  # no health check, no replacement from now on
+        try:
+            if self._server is not None:
+                await self._server.remove_replica(replica_id, drain=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(replica.actor.shutdown.remote(), 5.0)
+        finally:
+            self.draining.pop(replica_id, None)
+            self._discard(replica)
+        log.info("replica %s drained and removed", replica_id)
+
+    async def _add_one(self) -> None:
+        self.num_starting += 1
+        try:
+            new = await self._start_one()
+        except Exception as exc:
+            log.error("scale-up: a new replica failed to start: %s", exc)
+            return
+        finally:
+            self.num_starting -= 1
+        if self._closed:
+            self._discard(new)
+            return
+        self.replicas[new.replica_id] = new
+        if self._server is not None:
+            self._server.add_replica(self._handle(new))
+
     # -- shutdown -------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
@@ -148,7 +198,8 @@ class Controller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        replicas, self.replicas = list(self.replicas.values()), {}
+        replicas = [*self.replicas.values(), *self.draining.values()]
+        self.replicas, self.draining = {}, {}
         for replica in replicas:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(replica.actor.shutdown.remote(), 5.0)
@@ -166,9 +217,10 @@ class Controller:
         log.info("replica %s up in %.1f s", replica_id, time.monotonic() - t0)
         return started
 
-    def _handle(self, replica: StartedReplica) -> RayReplicaHandle:
-        return RayReplicaHandle(replica.replica_id, replica.actor,
-                                poll_timeout_s=self.settings.poll_timeout_s)
+    def _handle(self, replica: StartedReplica) -> ReplicaHandle:
+        handle = RayReplicaHandle(replica.replica_id, replica.actor,
+                                  poll_timeout_s=self.settings.poll_timeout_s)
+        return handle if self._wrap_handle is None else self._wrap_handle(handle)
 
     @staticmethod
     def _discard(replica: StartedReplica) -> None:

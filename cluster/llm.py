@@ -1,4 +1,6 @@
-"""Offline API: `LLM(model).generate(prompts)` and `.chat(messages)` on one in-process engine."""
+"""Offline API: `LLM(model).generate(prompts)` and `.chat(messages)` on one in-process engine,
+or, with tensor_parallel_size * pipeline_parallel_size > 1, on a parallel replica of Ray actors
+(a local Ray is started unless one is already connected)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.default_model import resolve_model
+from cluster.speculative import speculative_config, start_pool
 from protos.messages import OutputDelta, Request, RequestOutput, SamplingParams
 from text.detokenizer import IncrementalDetokenizer
 from text.tokenizer import Tokenizer
@@ -34,18 +37,45 @@ class LLM:
         seed: int = 0,
         num_threads: int | None = None,
         cache_dir: str | Path | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        pipeline_layers: list[int] | None = None,
+        quantization: str | None = None,
+        quant_group_size: int = 32,
+        speculative: str | None = None,
+        draft_model: str | None = None,
+        num_speculative_tokens: int | None = None,
+        draft_replicas: int | None = None,
     ) -> None:
+        """`speculative`: "ngram", "draft" (in-process draft model) or "pool" (draft-model Ray
+        actors; a local Ray is started unless one is connected); see worker/spec/."""
         self.model_dir = resolve_model(model, Path(cache_dir) if cache_dir else None)
         self.config = EngineConfig(
             model=str(self.model_dir), dtype=dtype, device=device, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, seed=seed, num_threads=num_threads)
+            max_num_batched_tokens=max_num_batched_tokens, seed=seed, num_threads=num_threads,
+            quantization=quantization, quant_group_size=quant_group_size,
+            speculative=speculative_config(speculative, draft_model=draft_model,
+                                           num_speculative_tokens=num_speculative_tokens,
+                                           draft_replicas=draft_replicas))
         self.tokenizer: Tokenizer | None = None
         if (self.model_dir / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.engine = Engine(self.config, self.model_dir, self.tokenizer,
-                             IncrementalDetokenizer if self.tokenizer else None)
+        world = tensor_parallel_size * pipeline_parallel_size
+        if world > 1:
+            self.engine: Any = _parallel_engine(self.config, self.model_dir, tensor_parallel_size,
+                                                pipeline_parallel_size, pipeline_layers)
+        else:
+            self.draft_actors = start_pool(self.config) if speculative == "pool" else None
+            self.engine = Engine(self.config, self.model_dir, self.tokenizer,
+                                 IncrementalDetokenizer if self.tokenizer else None,
+                                 draft_actors=self.draft_actors)
+
+    def shutdown(self) -> None:
+        """Stops a parallel replica's actors (and the local Ray it started); no-op otherwise."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -160,3 +190,24 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [outputs[r] for r in rids]
+
+
+def _parallel_engine(config: EngineConfig, model_dir: Path, tp: int, pp: int,
+                     pipeline_layers: list[int] | None) -> Any:
+    import os
+
+    import msgspec
+
+    from cluster.remote_engine import RemoteEngine
+    from cluster.serve_config import ReplicaSettings
+    from worker.model_runner import resolve_device
+
+    on_gpu = resolve_device(config.device).type == "cuda"
+    if config.num_threads is None and not on_gpu:
+        # Ranks share this machine's cores instead of each taking all of them.
+        config = msgspec.structs.replace(
+            config, num_threads=max(1, (os.cpu_count() or 1) // (tp * pp)))
+    replica = ReplicaSettings(num_cpus=1.0, num_gpus=1 if on_gpu else 0,
+                              tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                              pipeline_layers=pipeline_layers)
+    return RemoteEngine(config, replica, model_dir.name)

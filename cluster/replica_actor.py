@@ -3,13 +3,14 @@
 Everything crossing the actor boundary is msgspec-msgpack bytes (Requests, PollResults,
 ReplicaStats, ModelCard): Ray never pickles client data. The actor is async with room for
 several calls at once, so a long-poll waiting for the next step never holds up a submit or an
-abort. Tensor/pipeline ranks will join as further actors in the same placement group; rank 0
-keeps this interface and broadcasts step plans to them.
+abort. In a tensor/pipeline-parallel replica this is rank 0; the other ranks are RankActors in
+the same placement group (cluster/parallel_replica.py), fed each step's plan by broadcast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ class ReplicaActor:
     """Rank 0 of a replica: owns the AsyncEngine. Built with ray.remote in start_replica."""
 
     def __init__(self, replica_id: str, engine_config: bytes, model_name: str,
-                 rank: int = 0) -> None:
+                 rank: int = 0, parallel: bytes | None = None,
+                 peers: list[Any] | None = None) -> None:
+        """`parallel`: a worker.distributed.ParallelSpec (msgpack) when the replica has other
+        ranks; `peers`: their RankActor handles, checked by health()."""
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Imported here so that importing this module (router side) stays free of torch.
@@ -50,13 +54,28 @@ class ReplicaActor:
         from worker.engine import Engine
 
         if rank != 0:
-            raise ValueError("only rank 0 is implemented: tensor/pipeline ranks come later")
+            raise ValueError("ReplicaActor is rank 0; other ranks are cluster.rank_actor.RankActor")
         config = msgspec.msgpack.decode(engine_config, type=EngineConfig)
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
             else None
+        runner = None
+        if parallel is not None:
+            from worker.distributed import ParallelSpec
+            from worker.rank_worker import build_parallel_runner
+
+            runner = build_parallel_runner(
+                config, msgspec.msgpack.decode(parallel, type=ParallelSpec), rank=0)
+        self.runner = runner
+        self.peers = list(peers or [])
+        draft_actors = None
+        if config.speculative is not None and config.speculative.method == "pool":
+            from worker.spec.draft_actor import find_draft_pool
+
+            draft_actors = find_draft_pool(config.speculative)  # started by the router actor
         engine = Engine(config, model_dir, tokenizer,
-                        IncrementalDetokenizer if tokenizer is not None else None)
+                        IncrementalDetokenizer if tokenizer is not None else None, runner=runner,
+                        draft_actors=draft_actors)
         self.replica_id = replica_id
         self.card = ModelCard(name=model_name, max_model_len=engine.max_model_len,
                               vocab_size=engine.model_config.vocab_size,
@@ -67,6 +86,11 @@ class ReplicaActor:
         self._ids = msgspec.msgpack.Decoder(list[str])
         log.info("replica %s ready: %s, %d KV blocks", replica_id, model_name,
                  engine.kv.num_blocks)
+        # GPU utilisation/memory/temperature/power as Ray metrics; None without GPU or NVML.
+        from cluster.gpu_telemetry import GpuTelemetry
+
+        self.telemetry = GpuTelemetry.start(ray.get_gpu_ids(),
+                                            {"model": model_name, "replica": replica_id})
 
     async def ready(self) -> bytes:
         return encode(self.card)
@@ -84,11 +108,54 @@ class ReplicaActor:
         return encode(self.engine.stats())
 
     async def health(self) -> str | None:
-        """None when healthy, else why not (the engine's failure)."""
-        return self.engine.error
+        """None when healthy, else why not (the engine's failure, or a rank that is gone)."""
+        if self.engine.error is not None or not self.peers:
+            return self.engine.error
+        # A rank that died while the replica was idle is noticed here, not only at the next step.
+        answers = await asyncio.gather(*(p.health.remote() for p in self.peers),
+                                       return_exceptions=True)
+        for rank, answer in enumerate(answers, start=1):
+            if isinstance(answer, BaseException):
+                return f"rank {rank} is gone: {type(answer).__name__}"
+            if answer is not None:
+                return answer
+        return None
+
+    async def validate(self, request: bytes) -> str | None:
+        """Why the engine would refuse this Request, or None (the offline API checks a whole
+        batch before submitting any)."""
+        try:
+            self.engine.engine.validate(msgspec.msgpack.decode(request, type=Request))
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    async def rank_actors(self) -> list[Any]:
+        """The other ranks' actor handles (rank 1 first); for tests and operators."""
+        return list(self.peers)
+
+    async def timings(self) -> list[bytes]:
+        """Per-rank step timings (rank order) of a parallel replica; bench/parallel.py."""
+        if self.runner is None:
+            return []
+        rest = await asyncio.gather(*(p.timings.remote() for p in self.peers))
+        return [msgspec.msgpack.encode(self.runner.timings()), *rest]
+
+    async def where(self) -> bytes:
+        """The node and devices this replica (its rank 0) runs on, for `tandem status`."""
+        from cluster.status import replica_placement
+
+        return encode(replica_placement())
 
     async def shutdown(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self.engine.shutdown()
+        if self.runner is not None and not self.engine._thread.is_alive():
+            # The step thread is gone, so this thread may use the plan channel: let the other
+            # ranks leave their loops (they are killed with the placement group anyway).
+            with contextlib.suppress(Exception):
+                self.runner.stop_peers()
 
 
 class StartedReplica(msgspec.Struct, kw_only=True):
@@ -115,8 +182,12 @@ async def start_replica(replica_id: str, config: EngineConfig, model_name: str,
 
     On any failure the group is removed and the actor killed before the error propagates.
     """
+    if replica.tensor_parallel_size * replica.pipeline_parallel_size > 1:
+        from cluster.parallel_replica import start_parallel_replica
+
+        return await start_parallel_replica(replica_id, config, model_name, replica)
     bundles = replica_bundles(replica.num_cpus, replica.num_gpus, replica.tensor_parallel_size,
-                              replica.pipeline_parallel_size)
+                              replica.pipeline_parallel_size, replica.resources)
     pg = create_replica_group(f"tandem-{replica_id}", bundles)
     actor = None
     try:

@@ -45,15 +45,25 @@ class RouterActor:
         self.model_name = model_name
         self.server: Any = None
         self.controller: Any = None
+        self.ops: Any = None  # cluster.operations.Operations: metrics, autoscaling, status
+        self.draft_actors: list[Any] = []  # the speculative draft pool, shared by all replicas
 
     async def start(self) -> bytes:
         from cluster.controller import Controller
+        from cluster.operations import Operations
         from cluster.replica_actor import engine_config_for
         from router.server import start_server
 
         cfg = self.config
         engine_config = engine_config_for(cfg.engine, cfg.replica, self.model_dir)
-        self.controller = Controller(engine_config, self.model_name, cfg.replicas, cfg.replica)
+        spec = engine_config.speculative
+        if spec is not None and spec.method == "pool":
+            from cluster.speculative import start_pool_for_serve
+
+            engine_config, self.draft_actors = await start_pool_for_serve(engine_config)
+        self.ops = Operations(cfg, self.model_name)
+        self.controller = Controller(engine_config, self.model_name, cfg.replicas, cfg.replica,
+                                     wrap_handle=self.ops.wrap_handle)
         card = await self.controller.start()
         tokenizer = _router_tokenizer(Path(self.model_dir))
         try:
@@ -64,6 +74,7 @@ class RouterActor:
             await self.controller.shutdown()
             raise
         self.controller.attach(self.server)
+        self.ops.attach(self.controller, self.server, card.name)
         return msgspec.msgpack.encode(ServeInfo(
             model=card.name, host=cfg.router.host, port=self.server.port,
             address=self.server.address, replicas=list(self.controller.replicas)))
@@ -73,10 +84,16 @@ class RouterActor:
         return await self.server.drain(timeout_s)
 
     async def stop(self) -> None:
+        if self.ops is not None:
+            await self.ops.stop()  # no scaling decisions while shutting down
         if self.server is not None:
             await self.server.stop()
         if self.controller is not None:
             await self.controller.shutdown()
+        if self.draft_actors:
+            from worker.spec.draft_actor import stop_draft_pool
+
+            stop_draft_pool(self.draft_actors)
 
     async def ping(self) -> bool:
         return True
@@ -98,6 +115,10 @@ class RouterActor:
 
     async def replacements_total(self) -> int:
         return self.controller.replacements_total
+
+    async def status(self) -> bytes:
+        """`tandem status`: a msgpack cluster.status.DeploymentStatus."""
+        return await self.ops.status()
 
 
 class NoTokenizer:
@@ -151,11 +172,21 @@ def deploy(config: ServeConfig, model_dir: str | Path, model_name: str) -> Deplo
 
     Driver-side (synchronous) code: the blocking ray.get here never runs on an event loop.
     """
+    from cluster.deployment_ops import check_router_node, router_actor_options
+
+    check_router_node(config.router_node)
     router_class = ray.remote(RouterActor)
-    router = router_class.options(
-        num_cpus=0,  # the router is mostly waiting on sockets; replicas get the CPUs
-        max_concurrency=1000, max_restarts=0,
-    ).remote(msgspec.msgpack.encode(config), str(model_dir), model_name)
+    try:
+        router = router_class.options(
+            num_cpus=0,  # the router is mostly waiting on sockets; replicas get the CPUs
+            max_concurrency=1000, max_restarts=0,
+            # Named (per deployment, namespace "tandem") so `tandem status` finds it; pinned to
+            # config.router_node where given.
+            **router_actor_options(config.name, config.router_node),
+        ).remote(msgspec.msgpack.encode(config), str(model_dir), model_name)
+    except ValueError as exc:  # Ray: "The name ... is already taken"
+        raise RuntimeError(f"a deployment named {config.name!r} already runs on this cluster "
+                           f"({exc}); stop it first or give this one another `name`") from None
     try:
         info = msgspec.msgpack.decode(ray.get(router.start.remote()), type=ServeInfo)
     except ray.exceptions.RayTaskError as exc:

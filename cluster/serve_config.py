@@ -12,8 +12,11 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from cluster.autoscaler import AutoscalerConfig
+from cluster.deployment_ops import check_ops_fields
 from router.config import RouterConfig
-from worker.config import ConfigError, Dtype, EngineConfig
+from worker.config import ConfigError, Dtype, EngineConfig, Quantization
+from worker.spec.config import SpeculativeConfig
 
 Preset = Literal["latency", "throughput", "balanced"]
 
@@ -44,6 +47,9 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None
+    quantization: Quantization | None = None
+    quant_group_size: int = 32
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         # EngineConfig's own checks, here so that a bad value fails at load time with its path.
@@ -57,14 +63,22 @@ class ReplicaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """How each replica is placed and watched."""
 
     num_cpus: float = 1.0  # CPUs reserved per replica bundle
-    num_gpus: int = 0  # 0: CPU replica; 1: one GPU per bundle (tp*pp bundles later)
+    num_gpus: int = 0  # 0: CPU replica; 1: one GPU per bundle (one bundle per rank)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_layers: list[int] | None = None  # decoder layers per stage; None: even split
+    # Extra resources per pipeline stage's bundles (e.g. [{"node:pool-a": 0.01}, ...]) to pin
+    # stages to node pools; empty: no extra resources.
+    stage_resources: list[dict[str, float]] = []
+    collective_timeout_s: float = 60.0  # a collective or pipeline receive waiting longer fails
     start_timeout_s: float = 600.0  # placement group ready + model loaded
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 10.0
     poll_timeout_s: float = 0.05  # a long-poll returns after this even without a step
     restart_backoff_s: float = 2.0  # first wait before retrying a failed replacement
+    # Custom Ray resources every bundle also reserves, e.g. {"tandem_replica": 1} declared only
+    # on worker nodes keeps replicas off the head (deploy/README.md).
+    resources: dict[str, float] = {}
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -73,11 +87,20 @@ class ReplicaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
         need(self.num_cpus > 0, f"num_cpus must be > 0 (got {self.num_cpus})")
         need(self.num_gpus in (0, 1), f"num_gpus must be 0 or 1 per bundle (got {self.num_gpus})")
-        need(self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1,
-             "tensor/pipeline parallelism is not wired into serving yet: keep them at 1")
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        need(tp >= 1 and pp >= 1,
+             f"tensor_parallel_size and pipeline_parallel_size must be >= 1 (got {tp}, {pp})")
+        need(self.pipeline_layers is None or len(self.pipeline_layers) == pp,
+             f"pipeline_layers {self.pipeline_layers} must give one layer count per stage "
+             f"(pipeline_parallel_size={pp})")
+        need(not self.stage_resources or len(self.stage_resources) == pp,
+             f"stage_resources must have one entry per stage ({pp}), got "
+             f"{len(self.stage_resources)}")
         for name in ("start_timeout_s", "health_check_period_s", "health_check_timeout_s",
-                     "poll_timeout_s", "restart_backoff_s"):
+                     "poll_timeout_s", "restart_backoff_s", "collective_timeout_s"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
+        need(all(v > 0 for v in self.resources.values()),
+             f"resources must be positive amounts (got {self.resources})")
 
 
 class ServeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -89,10 +112,18 @@ class ServeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     engine: EngineSettings = EngineSettings()
     replica: ReplicaSettings = ReplicaSettings()
     router: RouterConfig = RouterConfig(port=50051)
+    # Operations (cluster/deployment_ops.py): the router actor is "tandem-router-<name>" in Ray
+    # namespace "tandem" (what `tandem status` finds); router_node pins it: "head", or a custom
+    # resource some node declares; None: anywhere. autoscaling None: `replicas` stays fixed.
+    name: str = "default"
+    router_node: str | None = None
+    autoscaling: AutoscalerConfig | None = None
+    metrics_interval_s: float = 5.0  # how often replica stats become metrics
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1 (got {self.replicas})")
+        check_ops_fields(self)
 
     def __repr__(self) -> str:  # RouterConfig's repr hides the API keys
         return (f"ServeConfig(model={self.model!r}, replicas={self.replicas}, "

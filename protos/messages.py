@@ -178,6 +178,13 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     generation_tokens_total: int = 0
     steps_total: int = 0
     healthy: bool = True
+    # Speculative decoding (zero without it): proposed/accepted tokens, verifications of a
+    # non-empty proposal, tokens those emitted (accepted + 1 each), time spent proposing.
+    spec_proposed_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    spec_verifications_total: int = 0
+    spec_emitted_tokens_total: int = 0
+    spec_proposer_seconds_total: float = 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -188,6 +195,16 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits_total / self.prefix_queries_total if self.prefix_queries_total else 0.0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        p = self.spec_proposed_tokens_total
+        return self.spec_accepted_tokens_total / p if p else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        v = self.spec_verifications_total
+        return self.spec_emitted_tokens_total / v if v else 0.0
 
 
 class PollResult(msgspec.Struct, kw_only=True):

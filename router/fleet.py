@@ -97,6 +97,8 @@ class Fleet:
         self._orphans: dict[str, _InFlight] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Requests turned away for want of a replica: what wakes a deployment scaled to zero.
+        self.refused_total = 0
 
     # -- replica set ------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Fleet:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
         loads = self._loads()
         if not loads:
+            self.refused_total += 1
             raise NoReplicaError("no model replica is available")
         target = self._policy.choose(request.prompt_token_ids, loads, request.cache_salt)
         inflight = _InFlight(request)

@@ -26,6 +26,13 @@ TINY_SHAPES: dict[str, dict] = {
                   tie_word_embeddings=False),
     "mistral-window": dict(arch="mistral", num_attention_heads=4, num_key_value_heads=2,
                            tie_word_embeddings=False, sliding_window=12),
+    # Tensor/pipeline parallelism: 4 layers so that stages can be uneven; 4 KV heads split over
+    # TP ranks; 1 KV head replicated on every rank, tied embeddings (the last stage loads the
+    # embedding as its LM head) and a vocabulary that does not divide by 2 (padded shards).
+    "llama-kv4": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4,
+                      tie_word_embeddings=False, num_hidden_layers=4),
+    "llama-kv1": dict(arch="llama", num_attention_heads=4, num_key_value_heads=1,
+                      tie_word_embeddings=True, num_hidden_layers=4, vocab_size=251),
 }
 
 
@@ -34,15 +41,17 @@ def _make_hf_model(kind: str, path: Path, vocab_size: int = 256) -> Path:
 
     spec = dict(TINY_SHAPES[kind])
     arch = spec.pop("arch")
+    vocab_size = spec.pop("vocab_size", vocab_size)
     cfg_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
     }[arch]
     cfg = cfg_cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        **{"num_hidden_layers": 2, **spec},
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-        initializer_range=0.1, bos_token_id=1, eos_token_id=2, **spec,
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2,
     )
     if arch == "qwen2":
         cfg.use_sliding_window = False

@@ -16,6 +16,7 @@ import threading
 import msgspec
 
 from protos.messages import OutputDelta, PollResult, ReplicaStats, Request
+from worker.distributed import PeerLostError
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,12 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 try:
                     deltas += self.engine.step()
+                except PeerLostError as exc:
+                    # Another rank of this replica died: the requests did nothing wrong, so
+                    # they are not failed; the router moves them once it sees healthy=False.
+                    log.error("replica %s: %s", self.replica_id, exc)
+                    self._fail_all(str(exc), deltas, fail_requests=False)
+                    return
                 except Exception as exc:  # a bug, not a bad request: this replica is done
                     log.exception("replica %s: engine step failed; failing its requests",
                                   self.replica_id)
@@ -157,11 +164,12 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):  # that loop closed: nobody is waiting
                 loop.call_soon_threadsafe(event.set)
 
-    def _fail_all(self, error: str, deltas: list[OutputDelta]) -> None:
+    def _fail_all(self, error: str, deltas: list[OutputDelta], fail_requests: bool = True) -> None:
         with self._lock:
             self._error = error
             queued, self._inbox = self._inbox, []
-        running = list(self.engine.seqs.values())
+        running = list(self.engine.seqs.values()) if fail_requests else []
+        queued = queued if fail_requests else []
         failed = [OutputDelta(request_id=s.request_id, token_ids=[], finish_reason="error",
                               error=f"the replica's engine failed: {error}",
                               num_prompt_tokens=s.num_prompt_tokens,

@@ -18,6 +18,7 @@ from worker.model_runner import ModelRunner
 from worker.sampler import Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence, SequenceStatus
+from worker.spec.factory import build_spec_decoder
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,17 @@ class StepTimes:
 
 class Engine:
     def __init__(self, config: EngineConfig, model_dir: str | Path | None = None,
-                 tokenizer: Any = None, detokenizer_factory: Any = None) -> None:
+                 tokenizer: Any = None, detokenizer_factory: Any = None,
+                 runner: ModelRunner | None = None, draft_actors: list[Any] | None = None) -> None:
         """`tokenizer` (text.tokenizer.Tokenizer) and `detokenizer_factory` (text.detokenizer.
-        IncrementalDetokenizer) are optional: without them the engine streams token ids only."""
+        IncrementalDetokenizer) are optional: without them the engine streams token ids only.
+        `runner`: rank 0's runner of a tensor/pipeline-parallel replica (worker.parallel_runner);
+        None builds a single-process one. `draft_actors`: handles of the draft pool when
+        config.speculative.method is "pool" (worker.spec.draft_actor.start_draft_pool)."""
         self.config = config
         model_dir = Path(model_dir or config.model)
         self.model_config = ModelConfig.from_hf_dir(model_dir)
-        self.runner = ModelRunner(config, self.model_config, model_dir)
+        self.runner = runner or ModelRunner(config, self.model_config, model_dir)
         self.max_model_len = self._resolve_max_model_len()
         self.kv = KVManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -61,6 +66,9 @@ class Engine:
         self.eos_token_ids = eos
         self._eos = frozenset(eos)
         self.sampler = Sampler(eos, seed=config.seed)
+        # Speculative decoding (worker/spec/); None: one token per sequence and step.
+        self.spec = build_spec_decoder(config.speculative, self, draft_actors) \
+            if config.speculative is not None else None
         self.seqs: dict[str, Sequence] = {}
         self._pending: list[OutputDelta] = []
         self._step_id = 0
@@ -117,6 +125,8 @@ class Engine:
             if seq is None:
                 continue
             self.scheduler.finish(seq)
+            if self.spec is not None:
+                self.spec.free(seq)
             self._pending.append(self._delta(seq, [], "", finish="abort"))
 
     def has_unfinished(self) -> bool:
@@ -127,25 +137,41 @@ class Engine:
     def step(self) -> list[OutputDelta]:
         t0 = time.perf_counter()
         deltas, self._pending = self._pending, []
-        sched = self.scheduler.schedule()
+        # Speculation reserves k lookahead KV slots per sequence; rejected ones are trimmed.
+        k = self.spec.num_lookahead(self.scheduler) if self.spec is not None else 0
+        sched = self.scheduler.schedule(k)
         if not sched:
             return deltas
-        plan = self.runner.build_plan(self._step_id, sched)
+        spec_batch = None
+        if k:
+            plan, spec_batch = self.spec.build_plan(self.runner, self._step_id, sched)
+        else:
+            plan = self.runner.build_plan(self._step_id, sched)
         self._step_id += 1
         tm = time.perf_counter()
         logits = self.runner.execute(plan)
         model_time = time.perf_counter() - tm
         sampling = [seq for seq, n in zip(sched.seqs, sched.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]
-        sampled = self.sampler(logits, sampling) if sampling else None
-        deltas.extend(self._postprocess(sched, sampling, sampled))
+        tokens: list[list[int]] = []
+        lps: list[list[Any]] = []
+        if spec_batch is not None:
+            tokens, lps = self.spec.sample(logits, spec_batch, self.sampler)
+        elif sampling:
+            sampled = self.sampler(logits, sampling)
+            tokens = [[t] for t in sampled.token_ids]
+            lps = [[lp] for lp in sampled.logprobs]
+        deltas.extend(self._postprocess(sched, sampling, tokens, lps, trim=k > 0))
         self.times.steps += 1
         self.times.model += model_time
         self.times.total += time.perf_counter() - t0
         return deltas
 
     def _postprocess(self, sched: SchedulerOutput, sampling: list[Sequence],
-                     sampled: Any) -> list[OutputDelta]:
+                     tokens: list[list[int]], lps: list[list[Any]],
+                     trim: bool = False) -> list[OutputDelta]:
+        """tokens[i]: what sampling[i] emits this step, one token or (speculation) its accepted
+        proposals and the target's token after them. `trim`: lookahead slots were reserved."""
         for seq, n in zip(sched.seqs, sched.num_new_tokens):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.prompt_tokens_total += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
@@ -153,28 +179,42 @@ class Engine:
             self.kv.cache_computed_blocks(seq)
         out: list[OutputDelta] = []
         for i, seq in enumerate(sampling):
-            token = sampled.token_ids[i]
-            seq.token_ids.append(token)
-            self.generation_tokens_total += 1
-            lp = sampled.logprobs[i]
-            if lp is not None:
-                seq.logprobs.append(lp)
-            finish, stop_reason = self._check_stop(seq, token)
-            text = ""
-            if seq.detokenizer is not None:
-                text, stop_str = seq.detokenizer.update([token])
-                if stop_str is not None and finish is None:
-                    finish, stop_reason = "stop", stop_str
-                elif finish is not None and stop_str is None:
-                    text += seq.detokenizer.flush()
+            finish, stop_reason, text, step_lps = None, None, "", []
+            # Token by token, so that a stop among accepted proposals drops what follows it.
+            for j, token in enumerate(tokens[i]):
+                if j:  # the previous token was an accepted proposal: its KV is computed
+                    seq.num_computed_tokens += 1
+                seq.token_ids.append(token)
+                self.generation_tokens_total += 1
+                lp = lps[i][j]
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                    step_lps.append(lp)
+                finish, stop_reason = self._check_stop(seq, token)
+                if seq.detokenizer is not None:
+                    piece, stop_str = seq.detokenizer.update([token])
+                    text += piece
+                    if stop_str is not None and finish is None:
+                        finish, stop_reason = "stop", stop_str
+                    elif finish is not None and stop_str is None:
+                        text += seq.detokenizer.flush()
+                if finish is not None:
+                    break
+            if len(tokens[i]) > 1:
+                self.kv.cache_computed_blocks(seq)
             new_tokens = seq.token_ids[seq.num_emitted_tokens:]
             seq.num_emitted_tokens = seq.num_tokens
             if finish is not None:
                 seq.finish_reason, seq.stop_reason = finish, stop_reason
                 self.scheduler.finish(seq)
                 self.seqs.pop(seq.request_id, None)
+                if self.spec is not None:
+                    self.spec.free(seq)
             out.append(self._delta(seq, new_tokens, text, finish, stop_reason,
-                                   [lp] if lp is not None else None))
+                                   step_lps or None))
+        if trim:  # rejected proposals' slots and unused lookahead go back to the pool
+            for seq in sched.seqs:
+                self.kv.trim_lookahead(seq)
         return out
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | str | None]:
@@ -218,6 +258,7 @@ class Engine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             steps_total=self.times.steps,
+            **(self.spec.stats_fields() if self.spec is not None else {}),
         )
 
     @property

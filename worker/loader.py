@@ -5,6 +5,8 @@ so the full checkpoint is never held twice."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,21 +37,38 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
+def resolve_target(name: str, packed: Mapping[str, tuple[str, object]]) -> tuple[str, object]:
+    """Checkpoint tensor name -> (our name, shard id), e.g. `...q_proj.weight` ->
+    (`...qkv_proj.weight`, "q"); names of unmerged tensors come back unchanged with None."""
+    for ckpt_part, (our_part, shard) in packed.items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{our_part}."), shard
+    return name, None
+
+
+# A hook that may take a checkpoint tensor for itself (quantized layers): called with the tensor's
+# name and a function that reads it; returns True when it consumed the tensor.
+Claim = Callable[[str, Callable[[], torch.Tensor]], bool]
+
+
+def load_weights(model: nn.Module, model_dir: Path, claim: Claim | None = None) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    # A pipeline stage loads only its own tensors (and may place one under another name).
+    stage_target = getattr(model, "checkpoint_target", None)
     loaded: set[str] = set()
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                target, shard_id = name, None
-                for ckpt_part, (our_part, shard) in packed.items():
-                    if f".{ckpt_part}." in name:
-                        target, shard_id = name.replace(f".{ckpt_part}.", f".{our_part}."), shard
-                        break
+                ours = name if stage_target is None else stage_target(name)
+                if ours is None:  # another pipeline stage's tensor
+                    continue
+                if claim is not None and claim(ours, partial(f.get_tensor, name)):
+                    continue
+                target, shard_id = resolve_target(ours, packed)
                 param = params.get(target)
                 if param is None:
                     raise CheckpointError(f"{file.name}: tensor {name!r} has no place in the "

@@ -16,9 +16,9 @@ import torch
 from kernels.paged_attention import AttentionMetadata
 from protos.messages import StepPlan
 from worker.config import ConfigError, EngineConfig, ModelConfig
-from worker.loader import load_weights
 from worker.models import build_model
-from worker.parallel import SINGLE, TPInfo
+from worker.parallel import SINGLE, WHOLE_MODEL, StageInfo, TPInfo
+from worker.quant import load_quantized
 from worker.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _available_ram() -> int:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path,
-                 tp: TPInfo = SINGLE) -> None:
+                 tp: TPInfo = SINGLE, stage: StageInfo = WHOLE_MODEL) -> None:
         self.config = config
         self.model_config = model_config
         self.device = resolve_device(config.device)
@@ -74,15 +74,17 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = build_model(model_config, tp)
+                self.model = build_model(model_config, tp, stage)
         finally:
             torch.set_default_dtype(prev)
-        load_weights(self.model, model_dir)
+        self.weight_format = load_quantized(self.model, model_dir, config)
         self.model.eval()
         # The cos/sin cache must stay fp32 even when the model is bf16.
         for module in self.model.modules():
             if hasattr(module, "cos_sin_cache"):
                 module.cos_sin_cache = module.cos_sin_cache.float()
+        log.info("weights: %s, %.1f MiB on %s (%s activations)", self.weight_format,
+                 self.weight_bytes() / 2**20, self.device, str(self.dtype).removeprefix("torch."))
         self.attn_layers = self.model.attention_layers()
         layer0 = self.attn_layers[0]
         self.num_kv_heads = layer0.num_kv_heads
@@ -99,8 +101,17 @@ class ModelRunner:
                 * elem)
 
     def weight_bytes(self) -> int:
-        seen = {id(p): p for p in self.model.parameters()}
-        return sum(p.numel() * p.element_size() for p in seen.values())
+        """Bytes of parameters and persistent buffers (quantized weights, scales, zeros), each
+        tensor once (tied embeddings); caches such as RoPE tables are not weights."""
+        seen: dict[int, torch.Tensor] = {}
+        for module in self.model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    seen[id(p)] = p
+            for name, b in module._buffers.items():
+                if b is not None and name not in module._non_persistent_buffers_set:
+                    seen[id(b)] = b
+        return sum(t.numel() * t.element_size() for t in seen.values())
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)

@@ -6,7 +6,7 @@ from torch import nn
 
 from worker.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
-from worker.parallel import SINGLE, TPInfo
+from worker.parallel import SINGLE, WHOLE_MODEL, StageInfo, TPInfo
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -15,5 +15,6 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, tp: TPInfo = SINGLE) -> nn.Module:
-    return MODEL_CLASSES[cfg.architecture](cfg, tp)
+def build_model(cfg: ModelConfig, tp: TPInfo = SINGLE,
+                stage: StageInfo = WHOLE_MODEL) -> nn.Module:
+    return MODEL_CLASSES[cfg.architecture](cfg, tp, stage)

@@ -21,7 +21,7 @@ from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.rotary import RotaryEmbedding
-from worker.parallel import SINGLE, TPInfo
+from worker.parallel import SINGLE, WHOLE_MODEL, StageInfo, TPInfo
 
 
 class LlamaAttention(nn.Module):
@@ -78,19 +78,33 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class MissingLayer(nn.Module):
+    """Stands in for a layer another pipeline stage holds: keeps the checkpoint's layer indices
+    (model.layers.17...) valid on every stage without allocating anything."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, stage: StageInfo = WHOLE_MODEL) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.start, self.end = stage.layer_range(cfg.num_layers)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+                             if stage.is_first else None)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, tp) if self.start <= i < self.end else MissingLayer()
+            for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden`: the previous pipeline stage's output, None on the first stage. A stage that
+        is not the last returns its residual stream (layer output + residual, summed): the next
+        layer's norm adds them first anyway, so one tensor crosses the link instead of two."""
+        x = self.embed_tokens(input_ids) if hidden is None else hidden
         residual = None
-        for layer in self.layers:
+        for layer in self.layers[self.start:self.end]:
             x, residual = layer(positions, x, residual, meta)
+        if self.norm is None:
+            return x + residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -105,20 +119,42 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     })
 
-    def __init__(self, cfg: ModelConfig, tp: TPInfo = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPInfo = SINGLE,
+                 stage: StageInfo = WHOLE_MODEL) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, tp)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
-        if cfg.tie_word_embeddings:
+        self.stage = stage
+        self.model = LlamaModel(cfg, tp, stage)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp) if stage.is_last \
+            else None
+        if cfg.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, hidden)
+
+    def checkpoint_target(self, name: str) -> str | None:
+        """Where checkpoint tensor `name` goes on this pipeline stage, or None if another stage
+        holds it. A tied LM head on a last stage without the embedding loads the embedding."""
+        if name.startswith("model.layers."):
+            index = int(name.split(".", 3)[2])
+            return name if self.model.start <= index < self.model.end else None
+        if name.startswith("model.embed_tokens."):
+            if self.model.embed_tokens is not None:
+                return name
+            if self.lm_head is not None and self.config.tie_word_embeddings:
+                return "lm_head." + name.removeprefix("model.embed_tokens.")
+            return None
+        if name.startswith("model.norm."):
+            return name if self.model.norm is not None else None
+        if name.startswith("lm_head."):
+            return name if self.lm_head is not None else None
+        return name
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        owned = self.model.layers[self.model.start:self.model.end]
+        return [layer.self_attn.attn for layer in owned]

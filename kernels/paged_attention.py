@@ -61,8 +61,10 @@ class _PrefillChunk:
 @dataclass
 class _ReferencePlan:
     decode_token_idx: torch.Tensor | None  # [Bd] flat query rows of the decodes
-    decode_slots: torch.Tensor | None  # [Bd, Lmax] flat cache rows (0 where masked)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
+    # [Bd, max_blocks] cache blocks of each decode. Whole blocks are gathered (contiguous
+    # block_size * Hkv * D runs) rather than single token rows: ~20% faster attention on CPU.
+    decode_blocks: torch.Tensor | None
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool
     all_decode: bool
     chunks: list[_PrefillChunk]
 
@@ -73,20 +75,17 @@ class _ReferencePlan:
         window = meta.sliding_window
         qs, sl = meta.query_start_host, meta.seq_lens_host
         decode_rows = [i for i in range(len(sl)) if qs[i + 1] - qs[i] == 1]
-        decode_token_idx = decode_slots = decode_mask = None
+        decode_token_idx = decode_blocks = decode_mask = None
         if decode_rows:
             rows = torch.tensor(decode_rows, device=device)
             lens = meta.seq_lens.index_select(0, rows).long()
-            lmax = max(sl[i] for i in decode_rows)
-            pos = torch.arange(lmax, device=device)
-            tables = meta.block_tables.index_select(0, rows).long()
-            blocks = tables.gather(1, (pos // bs).expand(len(decode_rows), -1).clamp(
-                max=tables.shape[1] - 1))
-            slots = blocks * bs + pos % bs
+            num_blocks = -(-max(sl[i] for i in decode_rows) // bs)
+            # Table padding points at block 0: real memory, masked out below.
+            decode_blocks = meta.block_tables.index_select(0, rows)[:, :num_blocks].long()
+            pos = torch.arange(num_blocks * bs, device=device)
             valid = pos.unsqueeze(0) < lens.unsqueeze(1)
             if window is not None:
                 valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - window)
-            decode_slots = torch.where(valid, slots, torch.zeros_like(slots))
             decode_mask = valid[:, None, None, :]
             decode_token_idx = torch.tensor([qs[i] for i in decode_rows], device=device)
         chunks: list[_PrefillChunk] = []
@@ -103,7 +102,7 @@ class _ReferencePlan:
                 q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
                 mask = (pos.unsqueeze(0) <= q_pos) & (pos.unsqueeze(0) > q_pos - window)
             chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask, ctx - q_len))
-        return _ReferencePlan(decode_token_idx, decode_slots, decode_mask,
+        return _ReferencePlan(decode_token_idx, decode_blocks, decode_mask,
                               len(decode_rows) == len(sl), chunks)
 
 
@@ -122,11 +121,13 @@ def paged_attention_reference(
     plan = meta.reference_plan()
     out = query.new_empty(query.shape)
 
-    if plan.decode_slots is not None:
-        bd, lmax = plan.decode_slots.shape
+    if plan.decode_blocks is not None:
+        bd = plan.decode_blocks.shape[0]
+        lmax = plan.decode_mask.shape[-1]
         q = query if plan.all_decode else query.index_select(0, plan.decode_token_idx)
-        k = k_flat.index_select(0, plan.decode_slots.view(-1)).view(bd, lmax, num_kv_heads, head_dim)
-        v = v_flat.index_select(0, plan.decode_slots.view(-1)).view(bd, lmax, num_kv_heads, head_dim)
+        blocks = plan.decode_blocks.view(-1)
+        k = k_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [Bd, Hq, 1, D]
             k.transpose(1, 2),

@@ -56,7 +56,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                          "draft-model Ray actors shared by all replicas (default: off)")
     sp.add_argument("--draft-model", default=None,
                     help="draft model folder for draft/pool (a small model sharing the target's "
-                         "tokenizer; worker/spec/train_draft.py makes one)")
+                         "tokenizer; bench/train_draft.py makes one)")
     sp.add_argument("--num-speculative-tokens", type=int, default=None,
                     help="most tokens proposed per step (default 4; adapts to acceptance)")
     sp.add_argument("--draft-replicas", type=int, default=None,

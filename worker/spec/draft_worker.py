@@ -7,7 +7,7 @@ target confirmed (`prefix_len`: rejected proposals are dropped by trimming compu
 their blocks), appends the target's new tokens, then runs k batched forwards: the first catches
 up on everything new and proposes token 1, each further one feeds the last proposal.
 
-A trimmed-vocabulary draft (worker/spec/train_draft.py) carries `draft_vocab.json`; ids are
+A trimmed-vocabulary draft (bench/train_draft.py) carries `draft_vocab.json`; ids are
 mapped at the edges so that everything outside speaks the target's vocabulary. Its distribution
 q is scattered over the target's vocabulary (tokens outside the draft's get q = 0) and processed
 exactly like the target's p (worker/spec/processing.py).

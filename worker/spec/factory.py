@@ -12,12 +12,12 @@ from worker.spec.proposer import NgramProposer, Proposer
 
 
 def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Path:
-    """No draft ships with Tandem (the one worker/spec/train_draft.py makes for SmolLM2 lost to
+    """No draft ships with Tandem (the one bench/train_draft.py makes for SmolLM2 lost to
     n-gram lookup here; docs in the module), so draft and pool need --draft-model."""
     if config.draft_model is None:
         raise ConfigError(f"speculative method {config.method!r} needs a draft model: give "
                           f"--draft-model DIR (a small model with {Path(target_dir).name}'s "
-                          "tokenizer; worker/spec/train_draft.py makes one)")
+                          "tokenizer; bench/train_draft.py makes one)")
     return Path(config.draft_model)
 
 

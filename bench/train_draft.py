@@ -1,6 +1,6 @@
 """Distil a small draft model for speculative decoding from a Llama-family target, on CPU.
 
-    python -m worker.spec.train_draft --text ../shared/data/austen.txt --out DIR
+    python -m bench.train_draft --text ../shared/data/austen.txt --out DIR
 
 What it makes (a Hugging Face folder the engine loads like any model, plus one extra file):
 - A `num_layers`-layer Llama with the target's width, its layers initialised from the target's

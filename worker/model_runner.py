@@ -194,9 +194,9 @@ class ModelRunner:
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
         dev = self.device
         width = max(len(t) for t in plan.block_tables)
-        tables = torch.zeros(len(plan.block_tables), width, dtype=torch.int32)
-        for i, t in enumerate(plan.block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # One tensor construction per step, not one per sequence; padding with block 0 is masked.
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in plan.block_tables],
+                              dtype=torch.int32)
         qs = plan.query_start
         return AttentionMetadata(
             query_start=torch.tensor(qs, dtype=torch.int32, device=dev),

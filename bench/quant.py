@@ -72,16 +72,33 @@ def bench_mode(label: str, args, model_dir: Path, ids: list[int]) -> dict:
 
 # -- llama.cpp ----------------------------------------------------------------------------------
 
+def llama_cpp_cmake_args() -> list[str]:
+    """This CPU's vector extensions, named one by one instead of GGML_NATIVE: with -march=native
+    ggml also compiles its AMX path, which segfaulted in ggml_backend_amx_mul_mat on an AMX
+    Xeon VM here; without AMX llama.cpp takes its AVX-512 kernels, as on CPUs without AMX."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    wanted = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX512": "avx512f",
+              "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+              "AVX512_BF16": "avx512_bf16", "AVX_VNNI": "avx_vnni", "BMI2": "bmi2"}
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF"]
+    return args + [f"-DGGML_{opt}={'ON' if flag in flags else 'OFF'}"
+                   for opt, flag in wanted.items()]
+
+
 def build_llama_cpp(cache: Path) -> Path:
     target = cache / "llama_cpp"
     if (target / "llama_cpp" / "__init__.py").is_file():
         return target
     print(f"building {LLAMA_CPP} into {target} (once; minutes)", file=sys.stderr)
-    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"}
+    env = {**os.environ, "CMAKE_ARGS": " ".join(llama_cpp_cmake_args())}
     for reqs in ([LLAMA_CPP, "--no-deps"], ["diskcache", "jinja2", "typing-extensions",
                                               "numpy"]):
         subprocess.run([sys.executable, "-m", "pip", "install", "--target", str(target),
-                        "--disable-pip-version-check", *reqs], check=True, env=env)
+                        "--disable-pip-version-check", "--no-cache-dir", *reqs], check=True, env=env)
     return target
 
 
@@ -109,9 +126,13 @@ def bench_llama_cpp(args, gguf_path: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(target)}
     threads = args.threads or os.cpu_count() or 1
     proc = subprocess.run([sys.executable, "-c", _LLAMA_SCRIPT, str(gguf_path), str(threads),
-                           str(args.decode_tokens)], capture_output=True, text=True, env=env,
-                          check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+                           str(args.decode_tokens)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # report it beside the other rows instead of losing them
+        print(f"llama.cpp failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}",
+              file=sys.stderr)
+        result = {"decode_b1_tok_s": float("nan"), "error": f"exit {proc.returncode}"}
+    else:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
     return dict(mode=f"llama.cpp ({gguf_path.name})", weight_mib=gguf_path.stat().st_size / 2**20,
                 **result)
 

@@ -6,8 +6,9 @@ the paged cache. Each query attends causally to its paged past plus itself (and 
 `sliding_window` positions when a window is set: key j is visible from query p when
 p - window < j <= p, as in Hugging Face's Mistral).
 
-The reference is the CPU implementation, so it is written for speed: decodes are batched into
-one gathered SDPA call, prefill chunks run one SDPA each. Gather indices and masks depend only on
+On CPU, decode rows go to a C kernel that reads the pages in place (kernels/cpu_paged_attention.py,
+proven against the reference); prefill chunks run one SDPA each. The reference is still the
+fallback CPU path, so it is written for speed too: decodes are batched into one gathered SDPA call. Gather indices and masks depend only on
 the step, not on the layer, so they are built once per step (`AttentionMetadata.reference_plan`).
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_paged_attention
 from kernels._dispatch import use_triton
 
 
@@ -59,14 +61,21 @@ class _PrefillChunk:
 
 
 @dataclass
-class _ReferencePlan:
-    decode_token_idx: torch.Tensor | None  # [Bd] flat query rows of the decodes
+class _DecodeGather:
     # [Bd, max_blocks] cache blocks of each decode. Whole blocks are gathered (contiguous
     # block_size * Hkv * D runs) rather than single token rows: ~20% faster attention on CPU.
-    decode_blocks: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool
+    blocks: torch.Tensor
+    mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size] bool
+
+
+@dataclass
+class _ReferencePlan:
+    decode_rows: list[int]  # sequences with one query token
+    decode_token_idx: torch.Tensor | None  # [Bd] int32 flat query rows of the decodes
+    decode_seq_ids: torch.Tensor | None  # [Bd] int32
     all_decode: bool
     chunks: list[_PrefillChunk]
+    _gather: _DecodeGather | None = field(default=None, repr=False)
 
     @staticmethod
     def build(meta: AttentionMetadata) -> _ReferencePlan:
@@ -75,19 +84,11 @@ class _ReferencePlan:
         window = meta.sliding_window
         qs, sl = meta.query_start_host, meta.seq_lens_host
         decode_rows = [i for i in range(len(sl)) if qs[i + 1] - qs[i] == 1]
-        decode_token_idx = decode_blocks = decode_mask = None
+        token_idx = seq_ids = None
         if decode_rows:
-            rows = torch.tensor(decode_rows, device=device)
-            lens = meta.seq_lens.index_select(0, rows).long()
-            num_blocks = -(-max(sl[i] for i in decode_rows) // bs)
-            # Table padding points at block 0: real memory, masked out below.
-            decode_blocks = meta.block_tables.index_select(0, rows)[:, :num_blocks].long()
-            pos = torch.arange(num_blocks * bs, device=device)
-            valid = pos.unsqueeze(0) < lens.unsqueeze(1)
-            if window is not None:
-                valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - window)
-            decode_mask = valid[:, None, None, :]
-            decode_token_idx = torch.tensor([qs[i] for i in decode_rows], device=device)
+            token_idx = torch.tensor([qs[i] for i in decode_rows], dtype=torch.int32,
+                                     device=device)
+            seq_ids = torch.tensor(decode_rows, dtype=torch.int32, device=device)
         chunks: list[_PrefillChunk] = []
         for i in range(len(sl)):
             q_len = qs[i + 1] - qs[i]
@@ -102,8 +103,24 @@ class _ReferencePlan:
                 q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
                 mask = (pos.unsqueeze(0) <= q_pos) & (pos.unsqueeze(0) > q_pos - window)
             chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask, ctx - q_len))
-        return _ReferencePlan(decode_token_idx, decode_blocks, decode_mask,
-                              len(decode_rows) == len(sl), chunks)
+        return _ReferencePlan(decode_rows, token_idx, seq_ids, len(decode_rows) == len(sl),
+                              chunks)
+
+    def decode_gather(self, meta: AttentionMetadata) -> _DecodeGather:
+        if self._gather is None:
+            assert self.decode_seq_ids is not None
+            bs, window = meta.block_size, meta.sliding_window
+            rows = self.decode_seq_ids.long()
+            lens = meta.seq_lens.index_select(0, rows).long()
+            num_blocks = -(-max(meta.seq_lens_host[i] for i in self.decode_rows) // bs)
+            # Table padding points at block 0: real memory, masked out below.
+            blocks = meta.block_tables.index_select(0, rows)[:, :num_blocks].long()
+            pos = torch.arange(num_blocks * bs, device=blocks.device)
+            valid = pos.unsqueeze(0) < lens.unsqueeze(1)
+            if window is not None:
+                valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - window)
+            self._gather = _DecodeGather(blocks, valid[:, None, None, :])
+        return self._gather
 
 
 def paged_attention_reference(
@@ -113,33 +130,44 @@ def paged_attention_reference(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    gqa = num_heads != num_kv_heads
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     plan = meta.reference_plan()
     out = query.new_empty(query.shape)
-
-    if plan.decode_blocks is not None:
-        bd = plan.decode_blocks.shape[0]
-        lmax = plan.decode_mask.shape[-1]
-        q = query if plan.all_decode else query.index_select(0, plan.decode_token_idx)
-        blocks = plan.decode_blocks.view(-1)
-        k = k_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
-        v = v_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [Bd, Hq, 1, D]
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=plan.decode_mask,
-            scale=scale,
-            enable_gqa=gqa,
-        ).squeeze(2)
+    if plan.decode_rows:
+        o = _reference_decodes(query, k_cache, v_cache, meta, scale)
         if plan.all_decode:
             return o
-        out.index_copy_(0, plan.decode_token_idx, o)
+        out.index_copy_(0, plan.decode_token_idx.long(), o)
+    _reference_chunks(query, k_cache, v_cache, plan, scale, out)
+    return out
 
+
+def _reference_decodes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """[Bd, Hq, D]: all decode rows in one gathered SDPA call."""
+    plan = meta.reference_plan()
+    gather = plan.decode_gather(meta)
+    num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
+    bd, lmax = gather.blocks.shape[0], gather.mask.shape[-1]
+    q = query if plan.all_decode else query.index_select(0, plan.decode_token_idx.long())
+    blocks = gather.blocks.view(-1)
+    k = k_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, blocks).view(bd, lmax, num_kv_heads, head_dim)
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [Bd, Hq, 1, D]
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=gather.mask,
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    ).squeeze(2)
+
+
+def _reference_chunks(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      plan: _ReferencePlan, scale: float, out: torch.Tensor) -> None:
+    """Prefill chunks, one SDPA each, written into their rows of `out`."""
+    num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     for c in plan.chunks:
         q = query[c.q_start:c.q_end].transpose(0, 1)  # [Hq, q_len, D]
         # Expanding KV heads beats enable_gqa here: in bf16 enable_gqa leaves the fused kernel.
@@ -155,7 +183,6 @@ def paged_attention_reference(
         else:
             o = _past_plus_causal(q, k, v, c.past_len, scale)
         out[c.q_start:c.q_end] = o.transpose(0, 1)
-    return out
 
 
 def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -204,4 +231,12 @@ def paged_attention(
         from kernels.triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(query, k_cache, v_cache, meta, scale)
+    plan = meta.reference_plan()
+    if plan.decode_rows and cpu_paged_attention.supports(query, k_cache, meta.block_size):
+        out = query.new_empty(query.shape)
+        cpu_paged_attention.paged_decode_attention_cpu(
+            query, k_cache, v_cache, meta.block_tables, meta.seq_lens, plan.decode_token_idx,
+            plan.decode_seq_ids, out, scale, meta.sliding_window)
+        _reference_chunks(query, k_cache, v_cache, plan, scale, out)
+        return out
     return paged_attention_reference(query, k_cache, v_cache, meta, scale)

@@ -10,10 +10,11 @@ int4, group-wise along K with zero points (asymmetric):
   integers from `quantize_int4` but any float works (AWQ/GPTQ-style zero points convert directly).
 
 Dispatch: Triton kernels on CUDA (dequantization fused into the GEMM tile loop). On CPU, int8
-uses torch's weight-only kernel `aten._weight_int8pack_mm` (same layout, no conversion). torch's
-CPU int4 kernel wants its own tiled packing and the formula (q - 8) * scale + bias, so int4 on
-CPU either runs the reference or, after `prepare_int4_for_cpu` at load time,
-`int4_linear_cpu`.
+runs the weight-streaming kernel of kernels/cpu_linear.py (same layout), or torch's
+`aten._weight_int8pack_mm` where that kernel cannot be built. int4 on CPU runs the same C kernels
+on this packing (`cpu_linear.linear_int4`, scales and zeros folded into `int4_scale_min` at load
+time); without them, torch's CPU int4 kernel, which wants its own tiled packing and the formula
+(q - 8) * scale + bias (`prepare_int4_for_cpu` at load time, then `int4_linear_cpu`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_linear
 from kernels._dispatch import use_triton
 
 _CPU_INT8_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -160,8 +162,11 @@ def int8_linear(
         from kernels.triton_quant_matmul import int8_linear_triton
 
         return int8_linear_triton(x, qweight, scales, bias)
-    if x.dtype in _CPU_INT8_DTYPES and qweight.is_contiguous():
-        return _int8_linear_cpu(x, qweight, scales, bias)
+    if x.device.type == "cpu" and qweight.is_contiguous():
+        if x.dtype in (torch.float32, torch.bfloat16) and cpu_linear.supports(cpu_linear.INT8):
+            return cpu_linear.linear_int8(x, qweight, scales, bias)
+        if x.dtype in _CPU_INT8_DTYPES:
+            return _int8_linear_cpu(x, qweight, scales, bias)
     return int8_linear_reference(x, qweight, scales, bias)
 
 

@@ -145,3 +145,52 @@ def test_prefill_only_batch_crosses_query_tiles(kernel_module, device) -> None:
     q, kc, vc, meta, tables = make_batch(seqs, 4, 1, 64, 16, torch.float16, None, seed=4)
     out = mod.paged_attention_triton(*to(device, q, kc, vc, meta), 0.125).cpu()
     assert_close(out, naive_attention(q, kc, vc, meta, tables, 0.125), torch.float16, "prefill")
+
+
+# The CPU decode kernel (C, compiled on first use): head dims on its vector path (64, 128) and off
+# it (40), GQA 1/4/8, pages smaller than its 16-key chunks (8), equal (16) and larger (32), windows
+# shorter than a chunk and spanning several.
+CPU_CASES = [
+    (torch.float32, 64, (2, 2), None, 16),
+    (torch.float32, 128, (8, 2), 7, 8),
+    (torch.float32, 40, (8, 1), None, 32),
+    (torch.float32, 64, (9, 3), 40, 16),
+    (torch.bfloat16, 64, (9, 3), None, 16),
+    (torch.bfloat16, 128, (8, 1), 20, 16),
+    (torch.bfloat16, 40, (4, 4), 7, 8),
+]
+DECODES = [(300, 1), (1, 1), (17, 1), (16, 1), (90, 1), (33, 1)]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "heads", "window", "block_size"), CPU_CASES)
+def test_cpu_decode_kernel_matches_naive(dtype: torch.dtype, head_dim: int,
+                                         heads: tuple[int, int], window: int | None,
+                                         block_size: int) -> None:
+    from kernels import cpu_paged_attention as cpu
+
+    seqs = DECODES[:3] + MIXED + DECODES[3:]  # decode rows before, among and after prefills
+    q, kc, vc, meta, tables = make_batch(seqs, *heads, head_dim, block_size, dtype, window,
+                                         seed=hash((head_dim, heads, window)) % 1000)
+    assert cpu.supports(q, kc, block_size), "the C kernel did not build on this machine"
+    plan = meta.reference_plan()
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    cpu.paged_decode_attention_cpu(q, kc, vc, meta.block_tables, meta.seq_lens,
+                                   plan.decode_token_idx, plan.decode_seq_ids, out, scale, window)
+    rows = plan.decode_token_idx.long()
+    ref = naive_attention(q, kc, vc, meta, tables, scale)
+    assert out.dtype == dtype
+    assert_close(out[rows], ref[rows], dtype, "cpu decode kernel")
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.isnan(out[others]).all(), "the kernel wrote rows that are not decodes"
+
+
+def test_op_on_cpu_mixes_kernel_decodes_with_reference_prefills() -> None:
+    """`paged_attention()` sends decode rows to the C kernel and chunks to SDPA: all rows exact."""
+    from kernels.paged_attention import paged_attention
+
+    q, kc, vc, meta, tables = make_batch(MIXED + DECODES, 8, 2, 64, 16, torch.float32, None,
+                                         seed=9)
+    out = paged_attention(q, kc, vc, meta, 0.125)
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, 0.125), torch.float32, "op")

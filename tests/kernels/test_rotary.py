@@ -56,3 +56,23 @@ def test_rotary_matches_reference(
                                                cache.to(device))
     assert_close(q_out.cpu(), q_ref, dtype, "query")
     assert_close(k_out.cpu(), k_ref, dtype, "key")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot_dim", [64, 32])
+def test_cpu_kernel_is_bit_identical_to_reference(dtype: torch.dtype, rot_dim: int) -> None:
+    """`rotary_embedding` on CPU rotates q and k in place in C with the reference's rounding
+    (cos/sin and each product rounded to the model dtype): bit-identical outputs, on q/k that are
+    views into a fused QKV row, as the attention layer passes them."""
+    from kernels.rotary import rotary_embedding
+
+    gen = torch.Generator().manual_seed(rot_dim)
+    pos = torch.tensor([0, 7, 300, 5, 4095, 1])
+    qkv = torch.randn(6, (4 + 2 * 2) * 64, generator=gen).to(dtype)
+    q, k, _ = qkv.split([4 * 64, 2 * 64, 2 * 64], dim=-1)
+    q, k = q.view(6, 4, 64), k.view(6, 2, 64)
+    cache = make_cache(4096, rot_dim)
+    ref_q, ref_k = rotary_embedding_reference(pos, q.clone(), k.clone(), cache)
+    out_q, out_k = rotary_embedding(pos, q, k, cache)
+    assert out_q.data_ptr() == q.data_ptr(), "the CPU kernel did not run (or not in place)"
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.linear import linear
 from worker.parallel import SINGLE, TPInfo
 
 
@@ -36,7 +37,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

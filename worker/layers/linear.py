@@ -8,9 +8,10 @@ shape). With tp.size == 1 every loader is a plain copy.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_decode_layer as fused
+from kernels.linear import linear
 from worker.parallel import SINGLE, TPInfo
 
 
@@ -37,7 +38,16 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+    def fused_spec(self) -> fused.LinearSpec | None:
+        """This matmul for the CPU fused decode layer; None where that kernel cannot run it."""
+        kind = {torch.float32: fused.LIN_F32, torch.bfloat16: fused.LIN_BF16}.get(
+            self.weight.dtype)
+        if kind is None or self.tp.size != 1 or not self.weight.is_contiguous():
+            return None
+        return fused.LinearSpec(kind, self.weight.data, self.out_features, self.in_features,
+                                bias=None if self.bias is None else self.bias.data)
 
 
 class ReplicatedLinear(LinearBase):
@@ -124,4 +134,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))
+        return self.tp.all_reduce(linear(x, self.weight, self.bias))

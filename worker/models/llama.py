@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kernels import cpu_decode_layer as fused
 from kernels.activation import silu_and_mul
 from kernels.paged_attention import AttentionMetadata
 from worker.config import ModelConfig
@@ -65,6 +66,28 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.sliding_window = cfg.sliding_window
+
+    def fused_spec(self) -> fused.LayerSpec | None:
+        """This layer for the CPU fused decode kernel, or None where it cannot run it."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = [attn.qkv_proj.fused_spec(), attn.o_proj.fused_spec(),
+                   mlp.gate_up_proj.fused_spec(), mlp.down_proj.fused_spec()]
+        cache = attn.attn.k_cache
+        if (any(lin is None for lin in linears) or cache.dim() != 4
+                or not fused.available(cache.dtype)):
+            return None
+        qkv, o, gate_up, down = linears
+        try:
+            return fused.LayerSpec(
+                qkv=qkv, o=o, gate_up=gate_up, down=down, ln1=self.input_layernorm.weight.data,
+                ln2=self.post_attention_layernorm.weight.data, eps=self.input_layernorm.eps,
+                k_cache=cache, v_cache=attn.attn.v_cache,
+                cos_sin_cache=attn.rotary.cos_sin_cache, num_heads=attn.num_heads,
+                num_kv_heads=attn.num_kv_heads, head_dim=attn.attn.head_dim,
+                scale=attn.attn.scale, sliding_window=self.sliding_window)
+        except ValueError:
+            return None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +116,21 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(cfg, tp) if self.start <= i < self.end else MissingLayer()
             for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
+        # Fused CPU decode layers, built on first use (after the KV cache is bound) and keyed by
+        # the cache they point into; an empty list: this model cannot use them.
+        self._fused: tuple[int, list[fused.LayerSpec]] | None = None
+
+    def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> list[fused.LayerSpec]:
+        """The fused specs of this stage's layers when this step can use them, else []."""
+        if (x.device.type != "cpu" or meta.max_query_len != 1 or x.shape[0] > fused.MAX_ROWS
+                or meta.slot_mapping is None or not x.is_contiguous()):
+            return []
+        first = self.layers[self.start]
+        key = first.self_attn.attn.k_cache.data_ptr()
+        if self._fused is None or self._fused[0] != key:
+            specs = [self.layers[i].fused_spec() for i in range(self.start, self.end)]
+            self._fused = (key, [] if any(s is None for s in specs) else specs)
+        return self._fused[1]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,8 +139,14 @@ class LlamaModel(nn.Module):
         layer's norm adds them first anyway, so one tensor crosses the link instead of two."""
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         residual = None
-        for layer in self.layers[self.start:self.end]:
-            x, residual = layer(positions, x, residual, meta)
+        if specs := self.fused_layers(x, meta):
+            step = fused.StepSpec(positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                  specs[0])
+            for spec in specs:
+                x, residual = fused.run_layer(spec, step, x, residual)
+        else:
+            for layer in self.layers[self.start:self.end]:
+                x, residual = layer(positions, x, residual, meta)
         if self.norm is None:
             return x + residual
         x, _ = self.norm(x, residual)

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from kernels import cpu_decode_layer as fused
+from kernels import cpu_linear
 from kernels.quant_matmul import (
     Int4CpuWeight,
     int4_linear,
@@ -131,6 +133,10 @@ class QuantLinearBase(nn.Module):
         y = self.matmul(x)
         return self.tp.all_reduce(y) if self.reduce else y
 
+    def fused_spec(self) -> fused.LinearSpec | None:
+        """This matmul for the CPU fused decode layer; None where that kernel cannot run it."""
+        return None
+
 
 class Int8Linear(QuantLinearBase):
     """int8 weights, one scale per output channel; `int8_linear` dispatches to torch's CPU
@@ -163,12 +169,21 @@ class Int8Linear(QuantLinearBase):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.scales, self.bias)
 
+    def fused_spec(self) -> fused.LinearSpec | None:
+        if self.tp.size != 1 or self.qweight.device.type != "cpu":
+            return None
+        return fused.LinearSpec(fused.LIN_INT8, self.qweight, self.out_features,
+                                self.in_features, scales=self.scales.float().contiguous(),
+                                bias=self.bias)
+
 
 class Int4Linear(QuantLinearBase):
     """int4 weights, group-wise scales and zero points along K.
 
-    On CPU the weight is kept only in torch's int4 kernel layout (`prepare_int4_for_cpu`); on
-    CUDA in the packed layout the Triton kernel reads. Act-order (GPTQ desc_act) checkpoints are
+    On CPU the weight stays in the packed layout with scales and zeros folded into (scale, min)
+    pairs for the C kernels (kernels/cpu_linear.py); where those cannot be built, in torch's int4
+    kernel layout (`prepare_int4_for_cpu`). On CUDA, in the packed layout the Triton kernel
+    reads. Act-order (GPTQ desc_act) checkpoints are
     run by permuting the input features once per call (`in_perm`), which makes every group a
     contiguous run of K again, so the same kernels apply.
     """
@@ -222,7 +237,11 @@ class Int4Linear(QuantLinearBase):
         self.pending.clear()
         if self.in_perm is not None:
             self.in_perm = self.in_perm.to(self.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.group_size % cpu_linear.INT4_GROUP_MULTIPLE == 0 \
+                and cpu_linear.supports(cpu_linear.INT4):
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale_min", cpu_linear.int4_scale_min(scales, zeros))
+        elif self.device.type == "cpu":
             if self.group_size not in CPU_INT4_GROUP_SIZES:
                 raise ValueError(f"int4 group size {self.group_size} has no CPU kernel "
                                  f"(supported: {', '.join(map(str, CPU_INT4_GROUP_SIZES))})")
@@ -237,9 +256,19 @@ class Int4Linear(QuantLinearBase):
 
     # -- running -------------------------------------------------------------------------------
 
+    def fused_spec(self) -> fused.LinearSpec | None:
+        if self.tp.size != 1 or self.in_perm is not None or not hasattr(self, "scale_min"):
+            return None
+        return fused.LinearSpec(fused.LIN_INT4, self.packed, self.out_features,
+                                self.in_features, scales=self.scale_min, group=self.group_size,
+                                bias=self.bias)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)
+        if hasattr(self, "scale_min"):
+            return cpu_linear.linear_int4(x, self.packed, self.scale_min, self.group_size,
+                                          self.bias)
         if self.packed.device.type == "cpu":
             w = Int4CpuWeight(self.packed, self.scales_and_zeros, self.group_size,
                               self.out_features)

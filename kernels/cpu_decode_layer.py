@@ -1,0 +1,152 @@
+"""CPU binding of the fused decoder layer (kernels/csrc/decode_layer.c) for small decode steps.
+
+A decode step of one to a few sequences streams the weights in a few milliseconds, but the ~30
+torch ops per layer cost as much again in Python dispatch. `run_layer` does a whole Llama-family
+layer in one call, chaining the C kernels with the torch path's rounding points. Models describe
+each layer once (`LayerSpec`, which keeps its tensors alive) and each step once (`StepSpec`).
+Used at tensor-parallel size 1 only: the layer has no all-reduce.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from kernels import cpu_linear
+from kernels.cpu_library import load
+from kernels.cpu_paged_attention import MAX_BLOCK, MAX_GROUP, MAX_HEAD_DIM
+
+LIN_F32, LIN_BF16, LIN_INT8, LIN_INT4 = 0, 1, 2, 3
+MAX_ROWS = 4  # decode steps of up to this many sequences (bf16 GEMM is torch's beyond)
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("group", _i64), ("n", _i64), ("k", _i64), ("w", _ptr),
+                ("scales", _ptr), ("bias", _ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("ln1", _ptr), ("ln2", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+                ("cos_sin", _ptr), ("hidden", _i64), ("intermediate", _i64),
+                ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
+                ("block_size", _i64), ("window", _i64), ("rot_dim", _i64), ("eps", _f32),
+                ("scale", _f32)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("m", _i64), ("positions", _ptr), ("slots", _ptr), ("tables", _ptr),
+                ("table_stride", _i64), ("seq_lens", _ptr), ("rows", _ptr), ("work", _ptr),
+                ("bf16", _i64), ("num_threads", _i64)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load()
+    if lib is None:
+        return None
+    expected = 1000 + ctypes.sizeof(_Linear) * 10 + ctypes.sizeof(_Layer) + ctypes.sizeof(_Step)
+    if lib.decode_layer_abi() != expected:
+        return None
+    lib.decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), _ptr, _ptr, _ptr,
+                                 _ptr]
+    lib.decode_layer.restype = None
+    lib.decode_layer_workspace_bytes.argtypes = [ctypes.POINTER(_Layer), _i64, _i64]
+    lib.decode_layer_workspace_bytes.restype = ctypes.c_size_t
+    return lib
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether fused layers run here for a model of this dtype."""
+    if dtype not in (torch.float32, torch.bfloat16) or _library() is None:
+        return False
+    needed = cpu_linear.BF16 if dtype == torch.bfloat16 else cpu_linear.INT8  # INT8 implies fp32
+    return cpu_linear.supports(needed | cpu_linear.INT8 | cpu_linear.INT4)
+
+
+@dataclass
+class LinearSpec:
+    """One matmul of the layer: y = x @ W.T (+ bias), W in one of the four CPU layouts."""
+
+    kind: int
+    weight: torch.Tensor  # [N, K] float / int8; int4: packed uint8 [N, K/2]
+    out_features: int
+    in_features: int
+    scales: torch.Tensor | None = None  # int8: [N] fp32; int4: [N, K/g, 2] fp32 (scale, min)
+    group: int = 0
+    bias: torch.Tensor | None = None
+
+    def struct(self) -> _Linear:
+        return _Linear(self.kind, self.group, self.out_features, self.in_features,
+                       self.weight.data_ptr(),
+                       None if self.scales is None else self.scales.data_ptr(),
+                       None if self.bias is None else self.bias.data_ptr())
+
+
+class LayerSpec:
+    """A decoder layer's weights, norms, rotary cache and KV cache, described once."""
+
+    def __init__(self, *, qkv: LinearSpec, o: LinearSpec, gate_up: LinearSpec,
+                 down: LinearSpec, ln1: torch.Tensor, ln2: torch.Tensor, eps: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None) -> None:
+        linears = (qkv, o, gate_up, down)
+        tensors = [ln1, ln2, k_cache, v_cache, cos_sin_cache]
+        for lin in linears:
+            tensors += [t for t in (lin.weight, lin.scales, lin.bias) if t is not None]
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+            raise ValueError("fused decode layers need contiguous CPU tensors")
+        if (num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP
+                or head_dim > MAX_HEAD_DIM or k_cache.shape[1] > MAX_BLOCK
+                or cos_sin_cache.dtype != torch.float32):
+            raise ValueError("layer shape outside the fused kernel's limits")
+        self._keep = tensors  # the struct holds raw pointers into these
+        self.dtype = ln1.dtype
+        self.hidden = ln1.shape[0]
+        self.struct = _Layer(
+            qkv.struct(), o.struct(), gate_up.struct(), down.struct(), ln1.data_ptr(),
+            ln2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cos_sin_cache.data_ptr(),
+            self.hidden, gate_up.out_features // 2, num_heads, num_kv_heads, head_dim,
+            k_cache.shape[1], sliding_window or 0, cos_sin_cache.shape[1], eps, scale)
+
+    def workspace_bytes(self, rows: int) -> int:
+        return _library().decode_layer_workspace_bytes(ctypes.byref(self.struct), rows,
+                                                       int(self.dtype == torch.bfloat16))
+
+
+class StepSpec:
+    """One decode step: every row is one sequence's single new token."""
+
+    def __init__(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: LayerSpec) -> None:
+        m = positions.numel()
+        self._keep = [positions.contiguous(), slot_mapping.contiguous(),
+                      block_tables.contiguous(), seq_lens.contiguous(),
+                      torch.arange(m, dtype=torch.int32),
+                      torch.empty(layer.workspace_bytes(m), dtype=torch.uint8)]
+        pos, slots, tables, lens, rows, work = self._keep
+        assert pos.dtype == slots.dtype == torch.int64
+        assert tables.dtype == lens.dtype == torch.int32
+        self.rows = m
+        self.struct = _Step(m, pos.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                            tables.stride(0), lens.data_ptr(), rows.data_ptr(), work.data_ptr(),
+                            int(layer.dtype == torch.bfloat16), torch.get_num_threads())
+
+
+def run_layer(layer: LayerSpec, step: StepSpec, x: torch.Tensor,
+              residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_out, residual_out) of one decoder layer, as the torch layer returns them."""
+    assert x.dtype == layer.dtype and x.is_contiguous() and x.shape == (step.rows, layer.hidden)
+    if residual is not None:
+        assert residual.dtype == x.dtype and residual.is_contiguous()
+    x_out, res_out = torch.empty_like(x), torch.empty_like(x)
+    _library().decode_layer(ctypes.byref(layer.struct), ctypes.byref(step.struct), x.data_ptr(),
+                            None if residual is None else residual.data_ptr(), x_out.data_ptr(),
+                            res_out.data_ptr())
+    return x_out, res_out

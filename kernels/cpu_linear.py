@@ -1,0 +1,124 @@
+"""CPU binding of the skinny-matmul kernels in kernels/csrc/skinny_linear.c.
+
+Decode steps multiply a few activation rows by every weight of the model, so they are bound by
+streaming the weights. torch streams bf16 weights at about a third of memory bandwidth when x
+has one row (no AMX on this class of CPU), its int8 kernel falls off at larger batches, and its
+int4 kernel needs its own packing. These kernels read the weights once per call in the layouts
+Tandem keeps anyway; `kernels/linear.py` and `kernels/quant_matmul.py` decide when to use them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kernels.cpu_library import load
+
+_ABI = 2
+BF16, INT8, INT4 = 1, 2, 4
+INT4_GROUP_MULTIPLE = 32  # the kernel unpacks 32 nibbles at a time within a group
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load()
+    if lib is None or lib.skinny_linear_abi() != _ABI:
+        return None
+    mask = lib.skinny_linear_support()
+    if mask & BF16:
+        lib.skinny_linear_bf16.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64,
+                                           _int]
+        lib.skinny_linear_bf16.restype = None
+    if mask & INT8:
+        lib.skinny_linear_int8.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
+                                           _i64, _ptr, _int, _int]
+        lib.skinny_linear_int8.restype = None
+    if mask & INT4:
+        lib.skinny_linear_int4.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr,
+                                           _ptr, _i64, _ptr, _int, _int]
+        lib.skinny_linear_int4.restype = None
+    return lib
+
+
+def supports(kind: int) -> bool:
+    """Whether this machine has the compiled kernel for `kind` (BF16, INT8 or INT4)."""
+    lib = _library()
+    return lib is not None and bool(lib.skinny_linear_support() & kind)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _finish(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+def _bias_ptr(bias: torch.Tensor | None, dtype: torch.dtype) -> int | None:
+    if bias is None:
+        return None
+    assert bias.dtype == dtype and bias.is_contiguous(), "bias must match x's dtype"
+    return bias.data_ptr()
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ weight [N, K] bf16 (contiguous) -> [..., N] bf16, fp32 accumulation."""
+    lib = _library()
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = weight.shape[0]
+    assert weight.dtype == x.dtype == torch.bfloat16 and weight.is_contiguous()
+    y = x2.new_empty(m, n)
+    lib.skinny_linear_bf16(x2.data_ptr(), m, k, x2.stride(0), weight.data_ptr(), n,
+                           _bias_ptr(bias, x.dtype), y.data_ptr(), n, torch.get_num_threads())
+    return _finish(x, y)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (fp32/bf16) @ (qweight int8 [N, K] * scales [N]).T -> [..., N] in x's dtype."""
+    lib = _library()
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = qweight.shape[0]
+    assert x.dtype in (torch.float32, torch.bfloat16) and qweight.is_contiguous()
+    scales32 = scales.to(torch.float32).contiguous()
+    work = torch.empty(m * k, dtype=torch.float32)
+    y = x2.new_empty(m, n)
+    lib.skinny_linear_int8(x2.data_ptr(), m, k, x2.stride(0), qweight.data_ptr(),
+                           scales32.data_ptr(), n, _bias_ptr(bias, x.dtype), y.data_ptr(), n,
+                           work.data_ptr(), int(x.dtype == torch.bfloat16),
+                           torch.get_num_threads())
+    return _finish(x, y)
+
+
+def int4_scale_min(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[N, G] scales and zero points -> [N, G, 2] fp32 (scale, min) with W = q * scale + min."""
+    s, z = scales.float(), zeros.float()
+    return torch.stack((s, -s * z), dim=-1).contiguous()
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T with W in Tandem's int4 packing (kernels/quant_matmul.py) and
+    `int4_scale_min` per group; group_size a multiple of 32."""
+    lib = _library()
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = packed.shape[0]
+    assert x.dtype in (torch.float32, torch.bfloat16) and packed.is_contiguous()
+    assert group_size % INT4_GROUP_MULTIPLE == 0 and k % group_size == 0
+    assert scale_min.dtype == torch.float32 and scale_min.shape == (n, k // group_size, 2)
+    work = torch.empty(m * k, dtype=torch.float32)
+    y = x2.new_empty(m, n)
+    lib.skinny_linear_int4(x2.data_ptr(), m, k, x2.stride(0), packed.data_ptr(),
+                           scale_min.data_ptr(), group_size, n, _bias_ptr(bias, x.dtype),
+                           y.data_ptr(), n, work.data_ptr(), int(x.dtype == torch.bfloat16),
+                           torch.get_num_threads())
+    return _finish(x, y)

@@ -1,0 +1,151 @@
+/* One Llama-family decoder layer for a decode step of a few sequences, in one call.
+ *
+ * At batch 1 the weights stream in a few milliseconds, but driving ~30 torch ops per layer from
+ * Python costs about as much again. This chains the CPU kernels of this folder, with the same
+ * rounding points as the torch path (every intermediate rounded to the model dtype where torch
+ * would hold it in a bf16 tensor):
+ *   h = rmsnorm(x [+ residual]);  q, k, v = qkv(h);  rotary(q, k);  cache[slots] = k, v
+ *   a = paged_attention(q);  o = o_proj(a);  h2 = rmsnorm(o + residual)
+ *   x_out = down(silu(gate(h2)) * up(h2))
+ * Tensor parallelism needs an all-reduce after o_proj and down: callers use this only at tp 1.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+#include "tandem_cpu.h"
+
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INT8 = 2, LIN_INT4 = 3 };
+
+typedef struct {
+    int64_t kind, group, n, k;
+    const void *w;        /* [n, k]; int4: packed [n, k / 2] */
+    const float *scales;  /* int8: [n]; int4: [n, k / group, 2] (scale, min) */
+    const void *bias;     /* [n] in the model dtype, or NULL */
+} TLinear;
+
+typedef struct {
+    TLinear qkv, o, gate_up, down;
+    const void *ln1, *ln2;
+    void *k_cache, *v_cache;  /* [num_blocks, block_size, Hkv, D] */
+    const float *cos_sin;     /* [max_pos, rot_dim] */
+    int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size, window,
+        rot_dim;
+    float eps, scale;
+} TLayer;
+
+typedef struct {
+    int64_t m;  /* sequences, one query token each */
+    const int64_t *positions, *slots;  /* [m] */
+    const int32_t *tables;             /* [m, table_stride] */
+    int64_t table_stride;
+    const int32_t *seq_lens, *rows;    /* [m]; rows = 0 .. m-1 */
+    void *work;                        /* decode_layer_workspace_bytes() */
+    int64_t bf16, num_threads;
+} TStep;
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t decode_layer_workspace_bytes(const TLayer *L, int64_t m, int64_t bf16) {
+    const size_t e = bf16 ? 2 : 4;
+    const int64_t qkv = (L->num_heads + 2 * L->num_kv_heads) * L->head_dim;
+    const int64_t maxk = L->intermediate > L->hidden ? L->intermediate : L->hidden;
+    const int64_t maxk2 = maxk > L->num_heads * L->head_dim ? maxk : L->num_heads * L->head_dim;
+    return align64(m * L->hidden * e) * 2 + align64(m * qkv * e) +
+           align64(m * L->num_heads * L->head_dim * e) + align64(m * L->hidden * e) +
+           align64(m * 2 * L->intermediate * e) + align64(m * L->intermediate * e) +
+           align64(m * maxk2 * 4);
+}
+
+static void linear(const TLinear *lin, const void *x, int64_t m, void *y, float *fwork, int bf16,
+                   int nt) {
+    switch (lin->kind) {
+    case LIN_F32:
+        skinny_linear_f32(x, m, lin->k, lin->k, lin->w, lin->n, lin->bias, y, lin->n, nt);
+        break;
+    case LIN_BF16:
+        skinny_linear_bf16(x, m, lin->k, lin->k, lin->w, lin->n, lin->bias, y, lin->n, nt);
+        break;
+    case LIN_INT8:
+        skinny_linear_int8(x, m, lin->k, lin->k, lin->w, lin->scales, lin->n, lin->bias, y,
+                           lin->n, fwork, bf16, nt);
+        break;
+    default:
+        skinny_linear_int4(x, m, lin->k, lin->k, lin->w, lin->scales, lin->group, lin->n,
+                           lin->bias, y, lin->n, fwork, bf16, nt);
+    }
+}
+
+static void rms(const void *x, const void *res, void *res_out, const void *w, void *out,
+                int64_t m, int64_t hidden, float eps, int bf16, int nt) {
+    if (bf16) rms_norm_bf16(x, res, res_out, w, out, m, hidden, eps, nt);
+    else rms_norm_f32(x, res, res_out, w, out, m, hidden, eps, nt);
+}
+
+/* act = silu(gate) * up, with torch's roundings in bf16 (silu rounded, then the product). */
+static void silu_mul(const void *gu, void *act, int64_t m, int64_t inter, int bf16) {
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t i = 0; i < inter; ++i) {
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)gu + r * 2 * inter;
+                const float g = bf16_to_f32(row[i]), u = bf16_to_f32(row[inter + i]);
+                const float s = round_bf16(g / (1.0f + expf(-g)));
+                ((uint16_t *)act)[r * inter + i] = f32_to_bf16(s * u);
+            } else {
+                const float *row = (const float *)gu + r * 2 * inter;
+                const float g = row[i];
+                ((float *)act)[r * inter + i] = g / (1.0f + expf(-g)) * row[inter + i];
+            }
+        }
+}
+
+void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *residual,
+                  void *x_out, void *residual_out) {
+    const int bf16 = (int)S->bf16, nt = (int)S->num_threads;
+    const size_t e = bf16 ? 2 : 4;
+    const int64_t m = S->m, H = L->hidden, D = L->head_dim, Hq = L->num_heads,
+                  Hkv = L->num_kv_heads, I = L->intermediate, qkv_n = (Hq + 2 * Hkv) * D;
+    char *p = (char *)S->work;
+    void *h = p;                     p += align64(m * H * e);
+    void *qkv = p;                   p += align64(m * qkv_n * e);
+    void *attn = p;                  p += align64(m * Hq * D * e);
+    void *o = p;                     p += align64(m * H * e);
+    void *h2 = p;                    p += align64(m * H * e);
+    void *gu = p;                    p += align64(m * 2 * I * e);
+    void *act = p;                   p += align64(m * I * e);
+    float *fwork = (float *)p;
+
+    if (residual) {
+        rms(x, residual, residual_out, L->ln1, h, m, H, L->eps, bf16, nt);
+    } else {
+        memcpy(residual_out, x, (size_t)(m * H) * e);
+        rms(x, NULL, NULL, L->ln1, h, m, H, L->eps, bf16, nt);
+    }
+    linear(&L->qkv, h, m, qkv, fwork, bf16, nt);
+    char *q = (char *)qkv, *k = q + Hq * D * e, *v = k + Hkv * D * e;
+    rotary_inplace(q, qkv_n, Hq, k, qkv_n, Hkv, D, S->positions, m, L->cos_sin, L->rot_dim, bf16,
+                   nt);
+    for (int64_t r = 0; r < m; ++r) {
+        if (S->slots[r] < 0) continue;
+        const size_t row = (size_t)(Hkv * D) * e, off = (size_t)S->slots[r] * row;
+        memcpy((char *)L->k_cache + off, k + (size_t)(r * qkv_n) * e, row);
+        memcpy((char *)L->v_cache + off, v + (size_t)(r * qkv_n) * e, row);
+    }
+    if (bf16)
+        paged_decode_attention_bf16(q, qkv_n, L->k_cache, L->v_cache, S->tables, S->table_stride,
+                                    S->seq_lens, S->rows, S->rows, m, attn, Hq * D, Hq, Hkv, D,
+                                    L->block_size, L->window, L->scale, nt);
+    else
+        paged_decode_attention_f32(q, qkv_n, L->k_cache, L->v_cache, S->tables, S->table_stride,
+                                   S->seq_lens, S->rows, S->rows, m, attn, Hq * D, Hq, Hkv, D,
+                                   L->block_size, L->window, L->scale, nt);
+    linear(&L->o, attn, m, o, fwork, bf16, nt);
+    rms(o, residual_out, residual_out, L->ln2, h2, m, H, L->eps, bf16, nt);
+    linear(&L->gate_up, h2, m, gu, fwork, bf16, nt);
+    silu_mul(gu, act, m, I, bf16);
+    linear(&L->down, act, m, x_out, fwork, bf16, nt);
+}
+
+/* Lets the binding check that its structure layouts match this file's. */
+int decode_layer_abi(void) { return (int)(1000 + sizeof(TLinear) * 10 + sizeof(TLayer) + sizeof(TStep)); }

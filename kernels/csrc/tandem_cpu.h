@@ -1,0 +1,44 @@
+/* The exported CPU kernels, for the fused decode layer that chains them. */
+#ifndef TANDEM_CPU_H
+#define TANDEM_CPU_H
+
+#include <stdint.h>
+
+int skinny_linear_support(void);
+void skinny_linear_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const float *w,
+                       int64_t n, const float *bias, float *y, int64_t ldy, int num_threads);
+void skinny_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *w,
+                        int64_t n, const uint16_t *bias, uint16_t *y, int64_t ldy,
+                        int num_threads);
+void skinny_linear_int8(const void *x, int64_t m, int64_t k, int64_t ldx, const int8_t *w,
+                        const float *scales, int64_t n, const void *bias, void *y, int64_t ldy,
+                        float *work, int x_bf16, int num_threads);
+void skinny_linear_int4(const void *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
+                        const float *sm, int64_t group, int64_t n, const void *bias, void *y,
+                        int64_t ldy, float *work, int x_bf16, int num_threads);
+void rms_norm_f32(const float *x, const float *residual, float *residual_out,
+                  const float *weight, float *out, int64_t rows, int64_t hidden, float eps,
+                  int num_threads);
+void rms_norm_bf16(const uint16_t *x, const uint16_t *residual, uint16_t *residual_out,
+                   const uint16_t *weight, uint16_t *out, int64_t rows, int64_t hidden, float eps,
+                   int num_threads);
+void rotary_inplace(void *q, int64_t q_ld, int64_t q_heads, void *k, int64_t k_ld,
+                    int64_t k_heads, int64_t d, const int64_t *positions, int64_t tokens,
+                    const float *cache, int64_t rot_dim, int bf16, int num_threads);
+void paged_decode_attention_f32(const void *q, int64_t q_row_stride, const void *k_cache,
+                                const void *v_cache, const int32_t *tables, int64_t table_stride,
+                                const int32_t *seq_lens, const int32_t *q_rows,
+                                const int32_t *seq_ids, int64_t num_rows, void *out,
+                                int64_t out_row_stride, int64_t num_heads, int64_t num_kv_heads,
+                                int64_t head_dim, int64_t block_size, int64_t window,
+                                float scale, int num_threads);
+void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
+                                 const void *v_cache, const int32_t *tables,
+                                 int64_t table_stride, const int32_t *seq_lens,
+                                 const int32_t *q_rows, const int32_t *seq_ids,
+                                 int64_t num_rows, void *out, int64_t out_row_stride,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t block_size, int64_t window, float scale,
+                                 int num_threads);
+
+#endif

@@ -1,0 +1,62 @@
+"""The CPU fused decode layer (kernels/csrc/decode_layer.c): decode steps of up to 4 sequences
+run each decoder layer in one C call. Greedy tokens against Hugging Face transformers (fp32), and
+against the unfused torch path of the same engine for bf16 and int8/int4 weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernels import cpu_decode_layer as fused
+from tests.integration.test_engine_vs_hf import PROMPTS, engine_greedy, hf_greedy
+from worker.config import EngineConfig
+from worker.engine import Engine
+from worker.models.llama import LlamaModel
+
+KINDS = ["llama-gqa", "llama-mha", "llama-linear", "qwen2", "mistral-window"]
+BATCH = PROMPTS[:3]  # decode steps of 3, then fewer as none finish early: all fused
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """Counts fused layer calls; fails the test if the C kernels are not available here."""
+    import torch
+
+    if not fused.available(torch.float32):
+        pytest.fail("the fused CPU decode layer did not build on this machine")
+    calls = [0]
+    run = fused.run_layer
+
+    def counting(*args, **kw):
+        calls[0] += 1
+        return run(*args, **kw)
+
+    monkeypatch.setattr(fused, "run_layer", counting)
+    return calls
+
+
+def _engine(path, **kw) -> Engine:
+    return Engine(EngineConfig(model=str(path), kv_cache_bytes=1 << 22, block_size=4, **kw))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_greedy_equals_transformers(kind: str, tiny_model_dir, fused_calls) -> None:
+    path = tiny_model_dir(kind)
+    _, ref = hf_greedy(path, BATCH)
+    engine = _engine(path, dtype="float32")
+    assert engine_greedy(engine, BATCH) == ref, kind
+    assert fused_calls[0] >= 2 * 15, "decode steps did not take the fused layer"
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize(("dtype", "quantization"), [
+    ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8"), ("float32", "int4"),
+    ("bfloat16", "int4")])
+def test_fused_equals_unfused(dtype: str, quantization: str | None, tiny_model_dir, fused_calls,
+                              monkeypatch) -> None:
+    path = tiny_model_dir("qwen2")  # QKV bias: the fused layer adds it in the model dtype
+    kw = dict(dtype=dtype, quantization=quantization, quant_group_size=32)
+    with_fused = engine_greedy(_engine(path, **kw), BATCH, tag="f")
+    assert fused_calls[0] > 0
+    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: [])
+    without = engine_greedy(_engine(path, **kw), BATCH, tag="u")
+    assert with_fused == without

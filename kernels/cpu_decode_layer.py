@@ -20,7 +20,7 @@ from kernels.cpu_library import load
 from kernels.cpu_paged_attention import MAX_BLOCK, MAX_GROUP, MAX_HEAD_DIM
 
 LIN_F32, LIN_BF16, LIN_INT8, LIN_INT4 = 0, 1, 2, 3
-MAX_ROWS = 4  # decode steps of up to this many sequences (bf16 GEMM is torch's beyond)
+MAX_ROWS = 8  # steps of up to this many tokens (beyond, torch's GEMMs win and dispatch is amortized)
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -121,7 +121,22 @@ class LayerSpec:
 
 
 class StepSpec:
-    """One decode step: every row is one sequence's single new token."""
+    """One step of a few tokens. Each row attends as a decode of its own: to its sequence's
+    pages up to and including its own position. A step's K/V are all stored before any row
+    attends, so a sequence with several new tokens (a speculative verify, a short prefill chunk)
+    gets causal attention from per-row lengths over a shared block table."""
+
+    @classmethod
+    def for_tokens(cls, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                   block_tables: torch.Tensor, query_start: list[int],
+                   layer: LayerSpec) -> StepSpec:
+        """Rows for the flattened tokens of a step: sequence i owns query_start[i:i+2]."""
+        counts = [query_start[i + 1] - query_start[i] for i in range(len(query_start) - 1)]
+        if any(c != 1 for c in counts):
+            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            block_tables = block_tables.index_select(0, owner)
+        lens = (positions + 1).to(torch.int32)
+        return cls(positions, slot_mapping, block_tables, lens, layer)
 
     def __init__(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: LayerSpec) -> None:

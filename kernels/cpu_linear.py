@@ -19,6 +19,9 @@ from kernels.cpu_library import load
 _ABI = 2
 BF16, INT8, INT4 = 1, 2, 4
 INT4_GROUP_MULTIPLE = 32  # the kernel unpacks 32 nibbles at a time within a group
+# Quantized matmuls with more activation rows than this are compute bound: they dequantize the
+# weight once per call and run torch's blocked GEMM (bench/cpu_kernels.py measures both sides).
+QUANT_SKINNY_MAX_ROWS = 8
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -37,6 +40,12 @@ def _library() -> ctypes.CDLL | None:
         lib.skinny_linear_int8.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
                                            _i64, _ptr, _int, _int]
         lib.skinny_linear_int8.restype = None
+    if mask & INT8:
+        lib.dequantize_int8.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _int, _int]
+        lib.dequantize_int8.restype = None
+    if mask & INT4:
+        lib.dequantize_int4.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int]
+        lib.dequantize_int4.restype = None
     if mask & INT4:
         lib.skinny_linear_int4.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr,
                                            _ptr, _i64, _ptr, _int, _int]
@@ -89,6 +98,8 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     n = qweight.shape[0]
     assert x.dtype in (torch.float32, torch.bfloat16) and qweight.is_contiguous()
     scales32 = scales.to(torch.float32).contiguous()
+    if m > QUANT_SKINNY_MAX_ROWS and k % 16 == 0:
+        return torch.nn.functional.linear(x, dequantize_int8(qweight, scales, x.dtype), bias)
     work = torch.empty(m * k, dtype=torch.float32)
     y = x2.new_empty(m, n)
     lib.skinny_linear_int8(x2.data_ptr(), m, k, x2.stride(0), qweight.data_ptr(),
@@ -115,6 +126,9 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor, 
     assert x.dtype in (torch.float32, torch.bfloat16) and packed.is_contiguous()
     assert group_size % INT4_GROUP_MULTIPLE == 0 and k % group_size == 0
     assert scale_min.dtype == torch.float32 and scale_min.shape == (n, k // group_size, 2)
+    if m > QUANT_SKINNY_MAX_ROWS:
+        w = dequantize_int4(packed, scale_min, group_size, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
     work = torch.empty(m * k, dtype=torch.float32)
     y = x2.new_empty(m, n)
     lib.skinny_linear_int4(x2.data_ptr(), m, k, x2.stride(0), packed.data_ptr(),
@@ -122,3 +136,26 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor, 
                            y.data_ptr(), n, work.data_ptr(), int(x.dtype == torch.bfloat16),
                            torch.get_num_threads())
     return _finish(x, y)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] int8 * [N] scales -> [N, K] in dtype (fp32 or bf16)."""
+    n, k = qweight.shape
+    assert k % 16 == 0 and qweight.is_contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    scales32 = scales.to(torch.float32).contiguous()
+    _library().dequantize_int8(qweight.data_ptr(), scales32.data_ptr(), n, k, out.data_ptr(),
+                               int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(packed: torch.Tensor, scale_min: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Tandem's int4 packing with (scale, min) pairs -> [N, K] in dtype (fp32 or bf16)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    assert packed.is_contiguous() and k % group_size == 0 and group_size % INT4_GROUP_MULTIPLE == 0
+    out = torch.empty(n, k, dtype=dtype)
+    _library().dequantize_int4(packed.data_ptr(), scale_min.data_ptr(), group_size, n, k,
+                               out.data_ptr(), int(dtype == torch.bfloat16),
+                               torch.get_num_threads())
+    return out

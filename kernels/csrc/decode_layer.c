@@ -83,23 +83,6 @@ static void rms(const void *x, const void *res, void *res_out, const void *w, vo
     else rms_norm_f32(x, res, res_out, w, out, m, hidden, eps, nt);
 }
 
-/* act = silu(gate) * up, with torch's roundings in bf16 (silu rounded, then the product). */
-static void silu_mul(const void *gu, void *act, int64_t m, int64_t inter, int bf16) {
-    for (int64_t r = 0; r < m; ++r)
-        for (int64_t i = 0; i < inter; ++i) {
-            if (bf16) {
-                const uint16_t *row = (const uint16_t *)gu + r * 2 * inter;
-                const float g = bf16_to_f32(row[i]), u = bf16_to_f32(row[inter + i]);
-                const float s = round_bf16(g / (1.0f + expf(-g)));
-                ((uint16_t *)act)[r * inter + i] = f32_to_bf16(s * u);
-            } else {
-                const float *row = (const float *)gu + r * 2 * inter;
-                const float g = row[i];
-                ((float *)act)[r * inter + i] = g / (1.0f + expf(-g)) * row[inter + i];
-            }
-        }
-}
-
 void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *residual,
                   void *x_out, void *residual_out) {
     const int bf16 = (int)S->bf16, nt = (int)S->num_threads;
@@ -143,7 +126,7 @@ void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *re
     linear(&L->o, attn, m, o, fwork, bf16, nt);
     rms(o, residual_out, residual_out, L->ln2, h2, m, H, L->eps, bf16, nt);
     linear(&L->gate_up, h2, m, gu, fwork, bf16, nt);
-    silu_mul(gu, act, m, I, bf16);
+    silu_and_mul(gu, act, m, I, bf16, nt);
     linear(&L->down, act, m, x_out, fwork, bf16, nt);
 }
 

@@ -325,5 +325,67 @@ void skinny_linear_int4(const void *x, int64_t m, int64_t k, int64_t ldx, const 
 }
 #endif
 
+#ifdef __AVX512F__
+/* Whole-matrix dequantization for batches too big for the skinny kernels: prefill and large
+ * decode batches are compute bound, so they widen the weights once per call and hand them to
+ * torch's blocked GEMM. out: [n, k] fp32, or bf16 (rounded to nearest even) when out_bf16.
+ * Rows are written 16 values at a time; k is a multiple of 16 (checked by the binding). */
+static inline void put16(void *out, int64_t off, __m512 v, int out_bf16) {
+#ifdef __AVX512BF16__
+    if (out_bf16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + off), (__m256i)_mm512_cvtneps_pbh(v));
+        return;
+    }
+#endif
+    if (out_bf16) {
+        float tmp[16];
+        _mm512_storeu_ps(tmp, v);
+        for (int i = 0; i < 16; ++i) ((uint16_t *)out)[off + i] = f32_to_bf16(tmp[i]);
+    } else {
+        _mm512_storeu_ps((float *)out + off, v);
+    }
+}
+
+void dequantize_int8(const int8_t *w, const float *scales, int64_t n, int64_t k, void *out,
+                     int out_bf16, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const __m512 sc = _mm512_set1_ps(scales[r]);
+        for (int64_t i = 0; i < k; i += 16) {
+            const __m512 q = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * k + i))));
+            put16(out, r * k + i, _mm512_mul_ps(q, sc), out_bf16);
+        }
+    }
+}
+
+void dequantize_int4(const uint8_t *w, const float *sm, int64_t group, int64_t n, int64_t k,
+                     void *out, int out_bf16, int num_threads) {
+    const int64_t ngroups = k / group;
+    /* A byte holds columns 2j (low nibble) and 2j + 1 (high): interleave back to column order. */
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
+                                            23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
+                                             30, 15, 31);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const uint8_t *wr = w + r * (k / 2);
+        for (int64_t g = 0; g < ngroups; ++g) {
+            const __m512 sc = _mm512_set1_ps(sm[(r * ngroups + g) * 2]);
+            const __m512 mn = _mm512_set1_ps(sm[(r * ngroups + g) * 2 + 1]);
+            for (int64_t i = g * group; i < (g + 1) * group; i += 32) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + i / 2)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                put16(out, r * k + i, _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, first, hi), sc, mn),
+                      out_bf16);
+                put16(out, r * k + i + 16,
+                      _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, second, hi), sc, mn), out_bf16);
+            }
+        }
+    }
+}
+#endif
+
 /* Lets the binding check that it matches the library it loaded. */
 int skinny_linear_abi(void) { return 2; }

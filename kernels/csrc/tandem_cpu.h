@@ -40,5 +40,7 @@ void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t block_size, int64_t window, float scale,
                                  int num_threads);
+void silu_and_mul(const void *gu, void *out, int64_t rows, int64_t inter, int bf16,
+                  int num_threads);
 
 #endif

@@ -48,6 +48,18 @@ def test_fused_greedy_equals_transformers(kind: str, tiny_model_dir, fused_calls
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "mistral-window"])
+def test_fused_short_prefill_and_mixed_steps(kind: str, tiny_model_dir, fused_calls) -> None:
+    """Steps of several tokens per sequence (short prompts prefilled in one step, 8 tokens in
+    all) run fused too: causal attention from per-row lengths over a shared block table."""
+    prompts = [[3, 4], [5, 6, 7], [9, 8, 7]]
+    path = tiny_model_dir(kind)
+    _, ref = hf_greedy(path, prompts)
+    engine = _engine(path, dtype="float32")
+    assert engine_greedy(engine, prompts) == ref, kind
+    assert fused_calls[0] == 2 * (1 + 15), "the 8-token prefill step was not fused"
+
+
 @pytest.mark.parametrize(("dtype", "quantization"), [
     ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8"), ("float32", "int4"),
     ("bfloat16", "int4")])

@@ -122,8 +122,8 @@ class LlamaModel(nn.Module):
 
     def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> list[fused.LayerSpec]:
         """The fused specs of this stage's layers when this step can use them, else []."""
-        if (x.device.type != "cpu" or meta.max_query_len != 1 or x.shape[0] > fused.MAX_ROWS
-                or meta.slot_mapping is None or not x.is_contiguous()):
+        if (x.device.type != "cpu" or x.shape[0] > fused.MAX_ROWS or meta.slot_mapping is None
+                or not x.is_contiguous()):
             return []
         first = self.layers[self.start]
         key = first.self_attn.attn.k_cache.data_ptr()
@@ -140,8 +140,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         residual = None
         if specs := self.fused_layers(x, meta):
-            step = fused.StepSpec(positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                  specs[0])
+            step = fused.StepSpec.for_tokens(positions, meta.slot_mapping, meta.block_tables,
+                                             meta.query_start_host, specs[0])
             for spec in specs:
                 x, residual = fused.run_layer(spec, step, x, residual)
         else:

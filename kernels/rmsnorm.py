@@ -36,9 +36,6 @@ def _rms_norm_fast_cpu(
 
 
 _RMS_ABI, MAX_HIDDEN = 2, 16384  # MAX_HIDDEN mirrors the C source
-# The C kernel is scalar per row: it wins on decode-sized batches, torch's vectorized ops on
-# prefill-sized ones (bench/cpu_kernels.py).
-C_MAX_ROWS = 128
 
 
 @functools.cache
@@ -80,8 +77,7 @@ def rms_norm(
         from kernels.triton_rmsnorm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
-    if (x.device.type == "cpu" and x.numel() <= C_MAX_ROWS * x.shape[-1]
-            and (fused := _rms_norm_c(x, weight, eps, residual)) is not None):
+    if x.device.type == "cpu" and (fused := _rms_norm_c(x, weight, eps, residual)) is not None:
         return fused
     if x.dtype == torch.float32:
         return _rms_norm_fast_cpu(x, weight, eps, residual)

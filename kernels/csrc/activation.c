@@ -28,7 +28,19 @@ void silu_and_mul(const void *gu, void *out, int64_t rows, int64_t inter, int bf
                 g = _mm512_loadu_ps(row + i);
                 u = _mm512_loadu_ps(row + inter + i);
             }
-            __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            const __m512 s = _mm512_div_ps(
+                g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+#ifdef __AVX512BF16__
+            if (bf16) {
+                /* silu rounded to bf16 (torch's silu output), then the product rounded. */
+                const __m256i sb = (__m256i)_mm512_cvtneps_pbh(s);
+                const __m512 sr = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(sb), 16));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + r * inter + i),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, u)));
+                continue;
+            }
+#endif
             float sv[16], uv[16];
             _mm512_storeu_ps(sv, s);
             _mm512_storeu_ps(uv, u);

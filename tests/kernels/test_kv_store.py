@@ -48,3 +48,23 @@ def test_store_kv_matches_reference(
         out, ref = out.view(-1, num_kv_heads, head_dim), ref.view(-1, num_kv_heads, head_dim)
         assert torch.equal(out[~written], ref[~written])
         assert_close(out[written], ref[written], cache_dtype, "written slots")
+
+
+@pytest.mark.parametrize(("dtype", "num_kv_heads", "head_dim"), [
+    (torch.float32, 2, 64), (torch.bfloat16, 3, 80)])
+def test_cpu_kernel_is_bit_exact(dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> None:
+    """`store_kv` on CPU copies rows in C: written slots equal the reference, padding (-1)
+    skipped, every other slot untouched; K/V as strided views of a fused output."""
+    from kernels.kv_store import _store_kv_c
+
+    gen = torch.Generator().manual_seed(head_dim)
+    kv = torch.randn(21, 2, num_kv_heads, head_dim, generator=gen).to(dtype)
+    key, value = kv[:, 0], kv[:, 1]
+    slots = torch.randperm(6 * 16, generator=gen)[:21]
+    slots[[3, 11, 20]] = -1
+    k_cache = torch.randn(6, 16, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(6, 16, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_reference(key, value, k_ref, v_ref, slots)
+    assert _store_kv_c(key, value, k_cache, v_cache, slots), "the C kernel did not run"
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)

@@ -46,17 +46,19 @@ def test_rms_norm_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("rows", "residual"), [(1, False), (3, True), (70, True)])
-def test_cpu_kernel_matches_reference(dtype: torch.dtype, rows: int, residual: bool) -> None:
+@pytest.mark.parametrize(("rows", "residual", "hidden"), [
+    (1, False, 576), (3, True, 576), (70, True, 576), (5, True, 100)])  # 100: the scalar path
+def test_cpu_kernel_matches_reference(dtype: torch.dtype, rows: int, residual: bool,
+                                      hidden: int) -> None:
     """The C kernel behind `rms_norm` on CPU keeps the reference's rounding points: bf16 outputs
     are bit-identical but for rare 1-ulp flips from the order of the fp32 sum of squares (in
     fp32 that order moves every output by an ulp, so fp32 is held to the error bound only)."""
     from kernels.rmsnorm import _rms_norm_c
 
     gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 576, generator=gen).to(dtype)
-    w = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
-    r = torch.randn(rows, 576, generator=gen).to(dtype) if residual else None
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    r = torch.randn(rows, hidden, generator=gen).to(dtype) if residual else None
     r_before = None if r is None else r.clone()
     got = _rms_norm_c(x, w, 1e-5, r)
     assert got is not None, "the C kernel did not build on this machine"

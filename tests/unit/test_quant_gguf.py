@@ -50,6 +50,8 @@ def test_gguf_blocks_match_dequantized(tmp_path: Path, qtype: Q) -> None:
     qkv = packed.runner.model.model.layers[0].self_attn.qkv_proj
     assert type(qkv).__name__ == ("Int8Linear" if kind == "int8" else "Int4Linear")
     assert packed.runner.weight_bytes() < dense.runner.weight_bytes()
+    # The tied embedding's blocks also serve as the LM head, as llama.cpp reads the file.
+    assert type(packed.runner.model.lm_head).__name__ == "QuantizedLMHead"
     if qtype != Q.Q8_0:  # same arithmetic: the same greedy tokens
         reqs = [Request(request_id="a", prompt_token_ids=[3, 9, 27, 17], sampling=greedy(12))]
         a = tokens_of(run_to_completion(packed, reqs)["a"])

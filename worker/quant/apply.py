@@ -93,12 +93,20 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128,
     with torch.no_grad():
         for name, base in _linears(model):
             _replace(model, name, _quantize_float(base, method, group_size))
-        head = getattr(model, "lm_head", None)
-        if lm_head and isinstance(head, ParallelLMHead):
-            with torch.device("meta"):
-                lin = ReplicatedLinear(head.weight.shape[1], head.weight.shape[0])
-            lin.weight = nn.Parameter(head.weight.data, requires_grad=False)
-            model.lm_head = QuantizedLMHead(head, _quantize_float(lin, method, group_size))
+        if lm_head:
+            quantize_lm_head(model, method, group_size)
+
+
+def quantize_lm_head(model: nn.Module, method: str, group_size: int) -> None:
+    """Give the LM head (if this stage has one) a quantized copy of its weight."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, ParallelLMHead):
+        return
+    with torch.no_grad():
+        with torch.device("meta"):
+            lin = ReplicatedLinear(head.weight.shape[1], head.weight.shape[0])
+        lin.weight = nn.Parameter(head.weight.data, requires_grad=False)
+        model.lm_head = QuantizedLMHead(head, _quantize_float(lin, method, group_size))
 
 
 # -- pre-quantized checkpoints ------------------------------------------------------------------
@@ -215,7 +223,32 @@ def load_gguf_packed(model: nn.Module, model_dir: Path) -> str:
             part = gq.int4_part(t) if isinstance(layer, Int4Linear) else gq.int8_part(t)
             layer.load_part(part, shard_id)
     _check_complete(layers, source)
-    return f"GGUF blocks of {source.name} ({len(layers)} quantized linears)"
+    head = _gguf_lm_head(model, tensors)
+    return f"GGUF blocks of {source.name} ({len(layers)} quantized linears{head})"
+
+
+def _gguf_lm_head(model: nn.Module, tensors: dict) -> str:
+    """The LM head from the file's own blocks (the embedding's when tied), as llama.cpp runs
+    it: SmolLM2's Q8_0 embedding is half the bytes of a bf16 head per decoded token. tp 1 only
+    (a vocab-parallel head would need the blocks split by rows); returns a note for the log."""
+    head = getattr(model, "lm_head", None)
+    t = tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    if not isinstance(head, ParallelLMHead) or head.tp.size != 1 or t is None:
+        return ""
+    if t.quant_type in gq.INT4_TYPES:
+        make, part = (lambda base: Int4Linear(base, 32)), gq.int4_part(t)
+    elif t.quant_type in gq.INT8_TYPES:
+        make, part = Int8Linear, gq.int8_part(t)
+    else:
+        return ""
+    with torch.no_grad():
+        with torch.device("meta"):
+            lin = ReplicatedLinear(head.weight.shape[1], head.weight.shape[0])
+        lin.weight = nn.Parameter(head.weight.data, requires_grad=False)  # dtype, device; no copy
+        layer = make(lin)
+        layer.load_part(part)
+        model.lm_head = QuantizedLMHead(head, layer)
+    return f", LM head from its {t.quant_type.name} blocks"
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -79,13 +79,26 @@ static void widen(float *dst, const void *x, int64_t m, int64_t k, int64_t ldx, 
     for (int j_ = 0; j_ < TILE_N; ++j_)                                                        \
         for (int r_ = 0; r_ < (MR); ++r_) (ACC)[j_][r_] = _mm512_setzero_ps()
 
+/* A tile's epilogue: each accumulator summed, times the column's scale (int8; NULL: none), plus
+ * the bias, stored in the output dtype; columns past n are not stored. */
+#define STORE_TILE(ACC, MR, Y, LDY, M0, N0, N, SCALES, BIAS, BF16)                             \
+    for (int j_ = 0; j_ < TILE_N; ++j_)                                                        \
+        if ((N0) + j_ < (N))                                                                   \
+            for (int r_ = 0; r_ < (MR); ++r_)                                                  \
+                store_row((Y), (LDY), (M0) + r_, (N0) + j_,                                    \
+                          _mm512_reduce_add_ps((ACC)[j_][r_]) *                                \
+                              ((SCALES) ? (SCALES)[(N0) + j_] : 1.0f),                         \
+                          (BIAS), (BF16))
+
+/* Weight row j of the tile at n0; rows past n repeat the last one (computed, never stored). */
+#define TILE_ROW(W, N0, J, N, STRIDE) ((W) + ((N0) + (J) < (N) ? (N0) + (J) : (N) - 1) * (STRIDE))
+
 /* Row pointers of an int4 tile (codes and per-group scale/min pairs); rows past n repeat n-1. */
 static inline void int4_rows(const uint8_t *w, const float *sm, int64_t half, int64_t ngroups,
                              int64_t n0, int64_t n, const uint8_t **wr, const float **smr) {
     for (int j = 0; j < TILE_N; ++j) {
-        const int64_t row = n0 + j < n ? n0 + j : n - 1;
-        wr[j] = w + row * half;
-        smr[j] = sm + row * ngroups * 2;
+        wr[j] = TILE_ROW(w, n0, j, n, half);
+        smr[j] = TILE_ROW(sm, n0, j, n, ngroups * 2);
     }
 }
 
@@ -96,7 +109,7 @@ INLINE void bf16_tile(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t
                       int64_t n, const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m0,
                       const int mr) {
     const uint16_t *wr[TILE_N];
-    for (int j = 0; j < TILE_N; ++j) wr[j] = w + (n0 + j < n ? n0 + j : n - 1) * k;
+    for (int j = 0; j < TILE_N; ++j) wr[j] = TILE_ROW(w, n0, j, n, k);
     __m512 acc[TILE_N][MR_MAX];
     ZERO_ACC(acc, mr);
     for (int64_t kk = 0; kk < k; kk += 32) {
@@ -113,10 +126,7 @@ INLINE void bf16_tile(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t
                 acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)xv, (__m512bh)wv[j]);
         }
     }
-    for (int j = 0; j < TILE_N; ++j)
-        if (n0 + j < n)
-            for (int r = 0; r < mr; ++r)
-                store_row(y, ldy, m0 + r, n0 + j, _mm512_reduce_add_ps(acc[j][r]), bias, 1);
+    STORE_TILE(acc, mr, y, ldy, m0, n0, n, (const float *)NULL, bias, 1);
 }
 
 void skinny_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *w,
@@ -135,7 +145,7 @@ INLINE void int8_tile(const float *xf, const int8_t *w, const float *scales, int
                       int64_t n0, int64_t n, const void *bias, void *y, int64_t ldy, int64_t m0,
                       int x_bf16, const int mr) {
     const int8_t *wr[TILE_N];
-    for (int j = 0; j < TILE_N; ++j) wr[j] = w + (n0 + j < n ? n0 + j : n - 1) * k;
+    for (int j = 0; j < TILE_N; ++j) wr[j] = TILE_ROW(w, n0, j, n, k);
     __m512 acc[TILE_N][MR_MAX];
     ZERO_ACC(acc, mr);
     for (int64_t kk = 0; kk < k; kk += 16) {
@@ -151,18 +161,14 @@ INLINE void int8_tile(const float *xf, const int8_t *w, const float *scales, int
             for (int j = 0; j < TILE_N; ++j) acc[j][r] = _mm512_fmadd_ps(xv, wv[j], acc[j][r]);
         }
     }
-    for (int j = 0; j < TILE_N; ++j)
-        if (n0 + j < n)
-            for (int r = 0; r < mr; ++r)
-                store_row(y, ldy, m0 + r, n0 + j,
-                          _mm512_reduce_add_ps(acc[j][r]) * scales[n0 + j], bias, x_bf16);
+    STORE_TILE(acc, mr, y, ldy, m0, n0, n, scales, bias, x_bf16);
 }
 
 INLINE void f32_tile(const float *x, int64_t ldx, const float *w, int64_t k, int64_t n0,
                      int64_t n, const float *bias, float *y, int64_t ldy, int64_t m0,
                      const int mr) {
     const float *wr[TILE_N];
-    for (int j = 0; j < TILE_N; ++j) wr[j] = w + (n0 + j < n ? n0 + j : n - 1) * k;
+    for (int j = 0; j < TILE_N; ++j) wr[j] = TILE_ROW(w, n0, j, n, k);
     __m512 acc[TILE_N][MR_MAX];
     ZERO_ACC(acc, mr);
     for (int64_t kk = 0; kk < k; kk += 16) {
@@ -178,10 +184,7 @@ INLINE void f32_tile(const float *x, int64_t ldx, const float *w, int64_t k, int
             for (int j = 0; j < TILE_N; ++j) acc[j][r] = _mm512_fmadd_ps(xv, wv[j], acc[j][r]);
         }
     }
-    for (int j = 0; j < TILE_N; ++j)
-        if (n0 + j < n)
-            for (int r = 0; r < mr; ++r)
-                store_row(y, ldy, m0 + r, n0 + j, _mm512_reduce_add_ps(acc[j][r]), bias, 0);
+    STORE_TILE(acc, mr, y, ldy, m0, n0, n, (const float *)NULL, bias, 0);
 }
 
 /* fp32 weights: for the fused decode layer of fp32 models (torch's own fp32 GEMV is fine). */
@@ -241,10 +244,7 @@ INLINE void int4_tile(const float *xf, const uint8_t *w, const float *sm, int64_
             }
         }
     }
-    for (int j = 0; j < TILE_N; ++j)
-        if (n0 + j < n)
-            for (int r = 0; r < mr; ++r)
-                store_row(y, ldy, m0 + r, n0 + j, _mm512_reduce_add_ps(acc[j][r]), bias, x_bf16);
+    STORE_TILE(acc, mr, y, ldy, m0, n0, n, (const float *)NULL, bias, x_bf16);
 }
 
 #ifdef __AVX512BF16__
@@ -286,10 +286,7 @@ INLINE void int4_bf16_tile(const uint16_t *x, int64_t ldx, const uint8_t *w, con
             }
         }
     }
-    for (int j = 0; j < TILE_N; ++j)
-        if (n0 + j < n)
-            for (int r = 0; r < mr; ++r)
-                store_row(y, ldy, m0 + r, n0 + j, _mm512_reduce_add_ps(acc[j][r]), bias, 1);
+    STORE_TILE(acc, mr, y, ldy, m0, n0, n, (const float *)NULL, bias, 1);
 }
 #endif
 

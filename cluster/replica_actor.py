@@ -59,29 +59,37 @@ class ReplicaActor:
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
             else None
-        runner = None
+        spec = None
         if parallel is not None:
             from worker.distributed import ParallelSpec
-            from worker.rank_worker import build_parallel_runner
 
-            runner = build_parallel_runner(
-                config, msgspec.msgpack.decode(parallel, type=ParallelSpec), rank=0)
-        self.runner = runner
+            spec = msgspec.msgpack.decode(parallel, type=ParallelSpec)
         self.peers = list(peers or [])
         draft_actors = None
         if config.speculative is not None and config.speculative.method == "pool":
             from worker.spec.draft_actor import find_draft_pool
 
             draft_actors = find_draft_pool(config.speculative)  # started by the router actor
-        engine = Engine(config, model_dir, tokenizer,
-                        IncrementalDetokenizer if tokenizer is not None else None, runner=runner,
-                        draft_actors=draft_actors)
+        self.runner = None
+
+        def build() -> Engine:
+            # Runs on the engine's step thread: all of this process's torch work happens on
+            # one thread (worker/async_engine.py says why).
+            if spec is not None:
+                from worker.rank_worker import build_parallel_runner
+
+                self.runner = build_parallel_runner(config, spec, rank=0)
+            return Engine(config, model_dir, tokenizer,
+                          IncrementalDetokenizer if tokenizer is not None else None,
+                          runner=self.runner, draft_actors=draft_actors)
+
+        self.engine = AsyncEngine(build, replica_id=replica_id)
+        engine = self.engine.engine
         self.replica_id = replica_id
         self.card = ModelCard(name=model_name, max_model_len=engine.max_model_len,
                               vocab_size=engine.model_config.vocab_size,
                               eos_token_ids=list(engine.eos_token_ids),
                               block_size=config.block_size)
-        self.engine = AsyncEngine(engine, replica_id=replica_id)
         self._requests = msgspec.msgpack.Decoder(list[Request])
         self._ids = msgspec.msgpack.Decoder(list[str])
         log.info("replica %s ready: %s, %d KV blocks", replica_id, model_name,

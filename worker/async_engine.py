@@ -4,6 +4,12 @@ The replica's Ray actor runs an event loop for its calls (submit, poll, abort, s
 model runs here, on a thread of its own: torch releases the GIL inside its kernels, so calls
 keep being answered during a forward pass. The engine itself is only ever touched by the step
 thread; other threads hand it work through locked queues.
+
+The step thread also builds the engine. libgomp keeps one OpenMP thread pool per thread that
+opens a parallel region, and once a process holds more pooled threads than CPUs it stops
+spinning between regions (its throttled spin count), so every small GEMM waits for sleeping
+workers to wake. A replica that loaded its model on the actor's main thread and stepped here had
+two pools: its matmuls used 1.5 of 2 cores, and serving ran at ~75% of the offline engine.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 
 import msgspec
 
@@ -27,24 +34,31 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, *, replica_id: str = "",
+    def __init__(self, build: Callable[[], Engine], *, replica_id: str = "",
                  idle_wait_s: float = 1.0) -> None:
-        self.engine = engine
+        """`build` makes the Engine; it runs on the step thread (see the module docstring) and
+        its error, if any, is raised here."""
+        self.engine: Engine
         self.replica_id = replica_id
         self._idle_wait_s = idle_wait_s  # only bounds how late a shutdown is noticed when idle
         self._lock = threading.Lock()  # guards everything below that both sides touch
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._outbox: list[OutputDelta] = []
-        self._stats = self._snapshot()
+        self._stats: ReplicaStats
         self._error: str | None = None  # set once the engine failed
         self._stopping = False
         # The one poll waiting for deltas, as (its loop, its event): set from the step thread.
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{replica_id or 'loop'}",
-                                        daemon=True)
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(build,),
+                                        name=f"engine-{replica_id or 'loop'}", daemon=True)
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     # -- calls from the actor's event loop (any thread) ------------------------------------------
 
@@ -103,6 +117,17 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # -- the step thread ----------------------------------------------------------------------
+
+    def _main(self, build: Callable[[], Engine]) -> None:
+        try:
+            self.engine = build()
+            self._stats = self._snapshot()
+        except BaseException as exc:  # handed to __init__, which raises it in the caller
+            self._build_error = exc
+            return
+        finally:
+            self._built.set()
+        self._run()
 
     def _run(self) -> None:
         while True:

@@ -40,12 +40,30 @@ class RankWorker:
         if rank == 0:
             raise ValueError("rank 0 runs the engine (cluster.replica_actor), not a RankWorker")
         self.rank = rank
-        self.runner = build_parallel_runner(config, spec, rank)
+        self.runner: ParallelRunner
         self.error: str | None = None
         self.stopped = False
         self._on_failure = on_failure
-        self._thread = threading.Thread(target=self._loop, name=f"rank-{rank}", daemon=True)
+        # The runner is built on the thread that steps it, so that this process has a single
+        # OpenMP pool (worker/async_engine.py says why); a build error is raised here.
+        built = threading.Event()
+        failure: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                self.runner = build_parallel_runner(config, spec, rank)
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                built.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=main, name=f"rank-{rank}", daemon=True)
         self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
 
     def _loop(self) -> None:
         try:

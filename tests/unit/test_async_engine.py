@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ def make_engine(model_dir) -> Engine:
 
 @pytest.fixture
 def aengine(tiny_model_dir) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(make_engine(tiny_model_dir("llama-gqa")), replica_id="r0")
+    engine = AsyncEngine(lambda: make_engine(tiny_model_dir("llama-gqa")), replica_id="r0")
     yield engine
     engine.shutdown()
 
@@ -133,3 +134,39 @@ def test_an_engine_failure_fails_in_flight_requests_and_marks_it_unhealthy(
             aengine.submit(requests(1))
 
     asyncio.run(asyncio.wait_for(body(), 15))
+
+
+def test_the_engine_is_built_and_stepped_on_one_thread(tiny_model_dir) -> None:
+    # One thread for all torch work keeps one OpenMP pool in the process; with a second pool
+    # (model built on the caller's thread) libgomp stops spinning and GEMMs lose a core.
+    seen: dict[str, set[int]] = {"build": set(), "step": set()}
+
+    def build() -> Engine:
+        seen["build"].add(threading.get_ident())
+        engine = make_engine(tiny_model_dir("llama-gqa"))
+        step = engine.step
+
+        def recording_step() -> list[OutputDelta]:
+            seen["step"].add(threading.get_ident())
+            return step()
+
+        engine.step = recording_step  # type: ignore[method-assign]
+        return engine
+
+    aengine = AsyncEngine(build, replica_id="r0")
+    try:
+        reqs = requests(1, max_tokens=3)
+        aengine.submit(reqs)
+        asyncio.run(collect(aengine, {r.request_id for r in reqs}))
+    finally:
+        aengine.shutdown()
+    assert seen["step"] and seen["step"] == seen["build"]
+    assert threading.get_ident() not in seen["build"]
+
+
+def test_a_failing_build_raises_in_the_caller() -> None:
+    def build() -> Engine:
+        raise FileNotFoundError("no model here")
+
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        AsyncEngine(build, replica_id="r0")

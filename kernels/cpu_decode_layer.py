@@ -21,6 +21,7 @@ from kernels.cpu_paged_attention import MAX_BLOCK, MAX_GROUP, MAX_HEAD_DIM
 
 LIN_F32, LIN_BF16, LIN_INT8, LIN_INT4 = 0, 1, 2, 3
 MAX_ROWS = 8  # steps of up to this many tokens (beyond, torch's GEMMs win and dispatch is amortized)
+MAX_ROWS_AMX = 16  # all-bf16 layers on AMX: the matmuls cost the same up to 16 rows
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -115,9 +116,18 @@ class LayerSpec:
             self.hidden, gate_up.out_features // 2, num_heads, num_kv_heads, head_dim,
             k_cache.shape[1], sliding_window or 0, cos_sin_cache.shape[1], eps, scale)
 
+        self.all_bf16 = all(lin.kind == LIN_BF16 for lin in linears)
+
     def workspace_bytes(self, rows: int) -> int:
         return _library().decode_layer_workspace_bytes(ctypes.byref(self.struct), rows,
                                                        int(self.dtype == torch.bfloat16))
+
+
+def max_rows(specs: list[LayerSpec]) -> int:
+    """The most tokens a step may have to run through these fused layers."""
+    if specs and all(s.all_bf16 for s in specs) and cpu_linear.amx_available():
+        return MAX_ROWS_AMX
+    return MAX_ROWS
 
 
 class StepSpec:

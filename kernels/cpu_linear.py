@@ -36,6 +36,10 @@ def _library() -> ctypes.CDLL | None:
         lib.skinny_linear_bf16.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64,
                                            _int]
         lib.skinny_linear_bf16.restype = None
+        lib.amx_linear_bf16.argtypes = lib.skinny_linear_bf16.argtypes
+        lib.amx_linear_bf16.restype = _i64
+        lib.amx_linear_available.argtypes = []
+        lib.amx_linear_available.restype = _int
     if mask & INT8:
         lib.skinny_linear_int8.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
                                            _i64, _ptr, _int, _int]
@@ -59,6 +63,22 @@ def supports(kind: int) -> bool:
     return lib is not None and bool(lib.skinny_linear_support() & kind)
 
 
+@functools.cache
+def amx_available() -> bool:
+    """Whether bf16 matmuls of 3-16 rows run on AMX tiles here (compiled in, and the kernel
+    granted the tile-data permission)."""
+    lib = _library()
+    return lib is not None and bool(lib.skinny_linear_support() & BF16) \
+        and bool(lib.amx_linear_available())
+
+
+def bf16_max_rows() -> int:
+    """Rows up to which linear_bf16 beats torch's bf16 GEMM here: with AMX its cost stays flat
+    up to 16 rows (a model's matmuls: 19.5 ms at 16 rows against torch's 28.9 ms); without, the
+    AVX-512 kernel is compute bound past 4 rows (bench/cpu_kernels.py)."""
+    return 16 if amx_available() else 4
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(1) == 1 else x2.contiguous()
@@ -75,18 +95,32 @@ def _bias_ptr(bias: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     return bias.data_ptr()
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] bf16 @ weight [N, K] bf16 (contiguous) -> [..., N] bf16, fp32 accumulation."""
+def _bf16_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               amx_only: bool) -> tuple[torch.Tensor, int]:
     lib = _library()
     x2 = _rows(x)
     m, k = x2.shape
     n = weight.shape[0]
     assert weight.dtype == x.dtype == torch.bfloat16 and weight.is_contiguous()
-    y = x2.new_empty(m, n)
-    lib.skinny_linear_bf16(x2.data_ptr(), m, k, x2.stride(0), weight.data_ptr(), n,
-                           _bias_ptr(bias, x.dtype), y.data_ptr(), n, torch.get_num_threads())
+    y = x2.new_zeros(m, n) if amx_only else x2.new_empty(m, n)
+    fn = lib.amx_linear_bf16 if amx_only else lib.skinny_linear_bf16
+    done = fn(x2.data_ptr(), m, k, x2.stride(0), weight.data_ptr(), n, _bias_ptr(bias, x.dtype),
+              y.data_ptr(), n, torch.get_num_threads())
+    return y, int(done) if amx_only else n
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ weight [N, K] bf16 (contiguous) -> [..., N] bf16, fp32 accumulation."""
+    y, _ = _bf16_call(x, weight, bias, amx_only=False)
     return _finish(x, y)
+
+
+def amx_part_bf16(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The AMX kernel alone, as linear_bf16 calls it first: (y [rows, N], done) where only y's
+    first `done` columns are written; done is 0 without AMX or for shapes it leaves to AVX-512."""
+    return _bf16_call(x, weight, bias, amx_only=True)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

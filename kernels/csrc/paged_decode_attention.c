@@ -132,26 +132,6 @@ static inline void attend(const void *q, int64_t q_row_stride, const void *k_cac
 
 #ifdef __AVX512F__
 
-/* Lane t of the result = sum of the 16 lanes of v[t]: a transpose-and-add tree (45 ops for 16
- * dot products instead of 16 full horizontal reductions). */
-static inline __m512 sum16x16(const __m512 *v) {
-    __m512 x[8], z[4];
-    for (int i = 0; i < 8; ++i)
-        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; ++i) {
-        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
-        z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* The same attention as attend() for head dims that are a multiple of 16, 16 keys at a time:
  * scores of a 16-key chunk land in one vector, so the softmax update is vectorized too. Always
  * inlined with the group size and the head dim (in vectors) as constants where the dispatch

@@ -10,6 +10,10 @@ void skinny_linear_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const 
 void skinny_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *w,
                         int64_t n, const uint16_t *bias, uint16_t *y, int64_t ldy,
                         int num_threads);
+int amx_linear_available(void);
+int64_t amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *w,
+                        int64_t n, const uint16_t *bias, uint16_t *y, int64_t ldy,
+                        int num_threads);
 void skinny_linear_int8(const void *x, int64_t m, int64_t k, int64_t ldx, const int8_t *w,
                         const float *scales, int64_t n, const void *bias, void *y, int64_t ldy,
                         float *work, int x_bf16, int num_threads);

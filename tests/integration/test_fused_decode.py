@@ -72,3 +72,19 @@ def test_fused_equals_unfused(dtype: str, quantization: str | None, tiny_model_d
     monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: [])
     without = engine_greedy(_engine(path, **kw), BATCH, tag="u")
     assert with_fused == without
+
+
+def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_calls,
+                                                          monkeypatch) -> None:
+    """With AMX the bf16 matmuls cost the same up to 16 rows, so a 15-token prefill step runs
+    fused too; its tokens equal the unfused path's."""
+    from kernels import cpu_linear
+
+    if not cpu_linear.amx_available():
+        pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
+    prompts = [[3, 4, 5, 6, 7], [5, 6, 7, 8], [9, 8, 7, 6, 5, 4]]
+    path = tiny_model_dir("llama-gqa")
+    with_fused = engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="f")
+    assert fused_calls[0] == 2 * (1 + 15), "the 15-token prefill step was not fused"
+    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: [])
+    assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")

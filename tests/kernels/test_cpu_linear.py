@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import cpu_linear
-from kernels.linear import SKINNY_MAX_ROWS, linear
+from kernels.linear import linear
 from kernels.quant_matmul import (
     dequantize_int4,
     dequantize_int8,
@@ -19,7 +19,7 @@ from kernels.quant_matmul import (
 )
 from tests.kernels.kcheck import assert_close
 
-ROWS = [1, 3, 4, 6, 17]
+ROWS = [1, 3, 4, 6, 16, 17]
 
 
 def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int):
@@ -43,13 +43,40 @@ def _built() -> None:
 
 
 @pytest.mark.parametrize("m", ROWS)
-@pytest.mark.parametrize(("n", "k", "bias"), [(37, 96, True), (64, 200, False)])
+@pytest.mark.parametrize(("n", "k", "bias"), [(37, 96, True), (64, 200, False), (80, 128, False)])
 def test_bf16_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     x, w, b = _inputs(m, n, k, torch.bfloat16, seed=m * 31 + n)
     b = b if bias else None
     y = cpu_linear.linear_bf16(x, w, b)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert_close(y, _reference(x, w, b), torch.bfloat16, f"bf16 m={m}")
+
+
+def _has_amx() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "amx_bf16" in f.read()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17])
+def test_amx_part_covers_whole_blocks_and_matches(m: int) -> None:
+    """On an AMX machine 1-16 rows go through tiles for every whole 16-column block (the
+    remaining 5 columns are AVX-512's); the tile result matches the float64 reference."""
+    x, w, b = _inputs(m, 53, 160, torch.bfloat16, seed=m)
+    y, done = cpu_linear.amx_part_bf16(x, w, b)
+    expected = 48 if _has_amx() and m <= 16 else 0
+    assert done == expected
+    if done:
+        assert_close(y[:, :done], _reference(x, w, b)[:, :done], torch.bfloat16, f"amx m={m}")
+        assert (y[:, done:] == 0).all()  # its columns only
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
+    """Bit for bit, for every row count the skinny kernel takes: a speculative verify (k + 1
+    rows) must reproduce plain decoding (1 row) exactly, or greedy outputs diverge in bf16."""
+    x, w, b = _inputs(cpu_linear.bf16_max_rows(), 1037, 576, torch.bfloat16, seed=11)
+    alone = cpu_linear.linear_bf16(x[:1], w, b)
+    for m in range(2, x.shape[0] + 1):
+        assert torch.equal(cpu_linear.linear_bf16(x[:m], w, b)[:1], alone), f"m={m}"
 
 
 def test_bf16_strided_rows_and_leading_dims() -> None:
@@ -85,13 +112,16 @@ def test_int4_matches_dequantized_reference(m: int, group: int, dtype: torch.dty
 
 def test_ops_route_small_batches_to_the_kernels() -> None:
     """`linear`/`int8_linear` on CPU give the kernel's exact output for decode-sized batches."""
-    x, w, _ = _inputs(SKINNY_MAX_ROWS, 24, 64, torch.bfloat16, seed=1)
+    rows = cpu_linear.bf16_max_rows()
+    assert rows == (16 if _has_amx() else 4)
+    x, w, _ = _inputs(rows, 24, 64, torch.bfloat16, seed=1)
     assert torch.equal(linear(x, w), cpu_linear.linear_bf16(x, w))
     q, s = quantize_int8(w.float())
     assert torch.equal(int8_linear(x, q, s), cpu_linear.linear_int8(x, q, s))
-    big, _, _ = _inputs(SKINNY_MAX_ROWS + 1, 24, 64, torch.bfloat16, seed=2)
+    big, _, _ = _inputs(rows + 1, 24, 64, torch.bfloat16, seed=2)
     assert_close(linear(big, w), _reference(big, w, None), torch.bfloat16, "torch path")
     packed, scales, zeros = quantize_int4(w.float(), 32)
+    x = x[:4]
     assert_close(int4_linear(x.float(), packed, scales, zeros, 32),
                  _reference(x, dequantize_int4(packed, scales, zeros, 32), None), torch.float32,
                  "int4 op")

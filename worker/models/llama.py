@@ -118,19 +118,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         # Fused CPU decode layers, built on first use (after the KV cache is bound) and keyed by
         # the cache they point into; an empty list: this model cannot use them.
-        self._fused: tuple[int, list[fused.LayerSpec]] | None = None
+        self._fused: tuple[int, list[fused.LayerSpec], int] | None = None
 
     def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> list[fused.LayerSpec]:
         """The fused specs of this stage's layers when this step can use them, else []."""
-        if (x.device.type != "cpu" or x.shape[0] > fused.MAX_ROWS or meta.slot_mapping is None
-                or not x.is_contiguous()):
+        if (x.device.type != "cpu" or x.shape[0] > fused.MAX_ROWS_AMX
+                or meta.slot_mapping is None or not x.is_contiguous()):
             return []
         first = self.layers[self.start]
         key = first.self_attn.attn.k_cache.data_ptr()
         if self._fused is None or self._fused[0] != key:
             specs = [self.layers[i].fused_spec() for i in range(self.start, self.end)]
-            self._fused = (key, [] if any(s is None for s in specs) else specs)
-        return self._fused[1]
+            usable = [] if any(s is None for s in specs) else specs
+            self._fused = (key, usable, fused.max_rows(usable))
+        _, specs, max_rows = self._fused
+        return specs if x.shape[0] <= max_rows else []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:

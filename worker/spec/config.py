@@ -9,6 +9,9 @@ import msgspec
 Method = Literal["ngram", "draft", "pool"]
 
 
+GATED_MIN_ACCEPTANCE = 0.3  # min_acceptance where verifying costs more than a decode
+
+
 class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Speculative decoding settings of one engine (EngineConfig.speculative; None: off).
 
@@ -29,7 +32,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ngram_max: int = 4  # n-gram: longest suffix matched
     ngram_min: int = 2  # n-gram: shortest suffix matched
     max_batch_size: int = 8  # more running sequences than this: no speculation this step
-    min_acceptance: float = 0.3  # a sequence whose EMA falls below this stops proposing
+    # A sequence whose acceptance EMA falls below this stops proposing. None: 0 for n-gram lookup
+    # where scoring extra positions is nearly free (bf16 on AMX, CUDA), so every match is
+    # verified; else 0.3, where a verify costs up to two decodes (worker/spec/factory.py).
+    min_acceptance: float | None = None
     ema_decay: float = 0.7  # weight of the past in the acceptance EMA
     probe_every: int = 8  # a sequence that stopped proposing tries k=1 every this many steps
     draft_timeout_s: float = 5.0  # pool: a draft actor slower than this counts as dead
@@ -45,7 +51,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         need(1 <= self.ngram_min <= self.ngram_max,
              f"need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
         need(self.max_batch_size >= 1, f"max_batch_size must be >= 1 (got {self.max_batch_size})")
-        need(0 <= self.min_acceptance < 1, "min_acceptance must be in [0, 1)")
+        need(self.min_acceptance is None or 0 <= self.min_acceptance < 1,
+             "min_acceptance must be in [0, 1)")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         need(self.draft_kv_cache_bytes > 0, "draft_kv_cache_bytes must be > 0")
         need(self.draft_timeout_s > 0, "draft_timeout_s must be > 0")

@@ -29,7 +29,7 @@ from protos.messages import SampledLogprobs, StepPlan, TokenLogprob
 from worker.sampler import Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
-from worker.spec.config import SpeculativeConfig
+from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.processing import RowContext, history_rows, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
 from worker.spec.verifier import verify_greedy, verify_sampled
@@ -78,6 +78,8 @@ class SpecBatch:
 class SpecDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, eos_token_ids: list[int],
                  max_model_len: int, vocab_size: int) -> None:
+        if config.min_acceptance is None:  # unresolved (worker/spec/factory.py resolves it)
+            config = msgspec.structs.replace(config, min_acceptance=GATED_MIN_ACCEPTANCE)
         self.config = config
         self.proposer = proposer
         self.eos_token_ids = list(eos_token_ids)

@@ -65,7 +65,7 @@ def supports(kind: int) -> bool:
 
 @functools.cache
 def amx_available() -> bool:
-    """Whether bf16 matmuls of 3-16 rows run on AMX tiles here (compiled in, and the kernel
+    """Whether bf16 matmuls of 1-64 rows run on AMX tiles here (compiled in, and the kernel
     granted the tile-data permission)."""
     lib = _library()
     return lib is not None and bool(lib.skinny_linear_support() & BF16) \
@@ -73,10 +73,11 @@ def amx_available() -> bool:
 
 
 def bf16_max_rows() -> int:
-    """Rows up to which linear_bf16 beats torch's bf16 GEMM here: with AMX its cost stays flat
-    up to 16 rows (a model's matmuls: 19.5 ms at 16 rows against torch's 28.9 ms); without, the
-    AVX-512 kernel is compute bound past 4 rows (bench/cpu_kernels.py)."""
-    return 16 if amx_available() else 4
+    """Rows up to which linear_bf16 beats torch's bf16 GEMM here. With AMX the cost stays flat up
+    to 16 rows (a model's matmuls: 19 ms at 16 rows against torch's 24-35 ms) and is still ahead
+    at 32 (22-31 ms against 27-40); at 64 the two are even. Without AMX the AVX-512 kernel is
+    compute bound past 4 rows (bench/cpu_kernels.py)."""
+    return 32 if amx_available() else 4
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,18 @@ static inline __attribute__((always_inline)) void attend16(
             offs[t] = (slot * row_elems + h * d) * (int64_t)esize;
             if (!dp) load_row(kf + t * d, (const char *)k_cache + offs[t], d, bf16);
         }
+        /* The next chunk's K and V rows of this head: pages are scattered, so the hardware
+         * prefetchers lose the stream at every block boundary (30 layers at batch 64, ~450
+         * context: 108-120 ms without, 67-79 ms with; whole rows from the first head only, or
+         * two chunks ahead, measured slower). */
+        for (int64_t p = p0 + 16; p < p0 + 32 && p < len; ++p) {
+            const int64_t slot = ((int64_t)table[p >> bshift] << bshift) + (p & (block_size - 1));
+            const int64_t off = (slot * row_elems + h * d) * (int64_t)esize;
+            for (int64_t b = 0; b < d * (int64_t)esize; b += 64) {
+                _mm_prefetch((const char *)k_cache + off + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)v_cache + off + b, _MM_HINT_T0);
+            }
+        }
         for (int64_t g = 0; g < G; ++g) {
             __m512 dots[16];
             for (int64_t t = 0; t < 16; ++t) {

@@ -19,7 +19,7 @@ from kernels.quant_matmul import (
 )
 from tests.kernels.kcheck import assert_close
 
-ROWS = [1, 3, 4, 6, 16, 17]
+ROWS = [1, 3, 4, 6, 16, 17, 33]
 
 
 def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int):
@@ -57,13 +57,14 @@ def _has_amx() -> bool:
         return "amx_bf16" in f.read()
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 17])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 64, 65])
 def test_amx_part_covers_whole_blocks_and_matches(m: int) -> None:
-    """On an AMX machine 1-16 rows go through tiles for every whole 16-column block (the
-    remaining 5 columns are AVX-512's); the tile result matches the float64 reference."""
+    """On an AMX machine 1-64 rows (up to four groups of 16) go through tiles for every whole
+    16-column block (the remaining 5 columns are AVX-512's); the tile result matches the
+    float64 reference."""
     x, w, b = _inputs(m, 53, 160, torch.bfloat16, seed=m)
     y, done = cpu_linear.amx_part_bf16(x, w, b)
-    expected = 48 if _has_amx() and m <= 16 else 0
+    expected = 48 if _has_amx() and m <= 64 else 0
     assert done == expected
     if done:
         assert_close(y[:, :done], _reference(x, w, b)[:, :done], torch.bfloat16, f"amx m={m}")
@@ -113,7 +114,7 @@ def test_int4_matches_dequantized_reference(m: int, group: int, dtype: torch.dty
 def test_ops_route_small_batches_to_the_kernels() -> None:
     """`linear`/`int8_linear` on CPU give the kernel's exact output for decode-sized batches."""
     rows = cpu_linear.bf16_max_rows()
-    assert rows == (16 if _has_amx() else 4)
+    assert rows == (32 if _has_amx() else 4)
     x, w, _ = _inputs(rows, 24, 64, torch.bfloat16, seed=1)
     assert torch.equal(linear(x, w), cpu_linear.linear_bf16(x, w))
     q, s = quantize_int8(w.float())

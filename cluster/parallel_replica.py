@@ -15,6 +15,7 @@ RankActors. Order of start-up:
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -69,6 +70,11 @@ def check_tp_groups_local(pg: PlacementGroup, tp: int, pp: int) -> None:
                 "worth of resources, or pin stages to nodes with replica.stage_resources.")
 
 
+log = logging.getLogger(__name__)
+
+PORT_ATTEMPTS = 3  # fresh ports to try for rank 0's store before the start fails
+
+
 def _rank0_address() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -97,26 +103,40 @@ async def start_parallel_replica(replica_id: str, config: EngineConfig, model_na
     try:
         await wait_until_ready(pg, bundles, replica.start_timeout_s, strategy)
         check_tp_groups_local(pg, tp, pp)
-        addr_task = ray.remote(_rank0_address).options(
-            num_cpus=0, scheduling_strategy=_in_bundle(pg, 0))
-        addr, port = await addr_task.remote()
-        spec = encode(ParallelSpec(
-            tensor_parallel_size=tp, pipeline_parallel_size=pp, master_addr=addr,
-            master_port=port, pipeline_layers=replica.pipeline_layers,
-            collective_timeout_s=replica.collective_timeout_s))
         engine_config = encode(config)
-        for rank in range(1, tp * pp):
-            actors.append(ray.remote(RankActor).options(
-                num_cpus=bundles[rank]["CPU"], num_gpus=bundles[rank].get("GPU", 0),
-                max_concurrency=4, max_restarts=0, scheduling_strategy=_in_bundle(pg, rank),
-            ).remote(replica_id, rank, engine_config, spec))
-        rank0 = ray.remote(ReplicaActor).options(
-            num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
-            max_concurrency=MAX_CONCURRENCY, max_restarts=0, scheduling_strategy=_in_bundle(pg, 0),
-        ).remote(replica_id, engine_config, model_name, 0, spec, list(actors))
-        actors.insert(0, rank0)
-        refs = [a.ready.remote() for a in actors]
-        results = await _all_ready(refs, replica.start_timeout_s, replica_id)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            addr_task = ray.remote(_rank0_address).options(
+                num_cpus=0, scheduling_strategy=_in_bundle(pg, 0))
+            addr, port = await addr_task.remote()
+            spec = encode(ParallelSpec(
+                tensor_parallel_size=tp, pipeline_parallel_size=pp, master_addr=addr,
+                master_port=port, pipeline_layers=replica.pipeline_layers,
+                collective_timeout_s=replica.collective_timeout_s))
+            for rank in range(1, tp * pp):
+                actors.append(ray.remote(RankActor).options(
+                    num_cpus=bundles[rank]["CPU"], num_gpus=bundles[rank].get("GPU", 0),
+                    max_concurrency=4, max_restarts=0, scheduling_strategy=_in_bundle(pg, rank),
+                ).remote(replica_id, rank, engine_config, spec))
+            rank0 = ray.remote(ReplicaActor).options(
+                num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
+                max_concurrency=MAX_CONCURRENCY, max_restarts=0,
+                scheduling_strategy=_in_bundle(pg, 0),
+            ).remote(replica_id, engine_config, model_name, 0, spec, list(actors))
+            actors.insert(0, rank0)
+            refs = [a.ready.remote() for a in actors]
+            try:
+                results = await _all_ready(refs, replica.start_timeout_s, replica_id)
+                break
+            except RuntimeError as exc:
+                # The free port was found by binding and closing a socket, so another process
+                # can take it before rank 0's store binds it: try again with a fresh one.
+                if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS:
+                    raise
+                log.warning("replica %s: rank 0's port %d was taken meanwhile; retrying with "
+                            "another", replica_id, port)
+                for actor in actors:
+                    ray.kill(actor, no_restart=True)
+                actors = []
         card = msgspec.msgpack.decode(results[0], type=ModelCard)
     except BaseException:
         for actor in actors:

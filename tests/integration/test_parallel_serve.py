@@ -85,3 +85,46 @@ def test_tp2_replica_streams_offline_greedy_and_survives_a_killed_rank(
              "a replacement replica")
     ids = ray.get(deployment.router.replica_ids.remote())
     assert ids and "replica-0" not in ids
+
+
+def test_a_taken_rank0_port_is_retried_with_a_fresh_one(deployment: Deployment, model_dir: Path,
+                                                        tmp_path: Path, monkeypatch) -> None:
+    """Rank 0's store port is found by binding and closing a socket, so another process can
+    take it first (seen once under load: EADDRINUSE). The start then retries with a fresh port
+    instead of failing the replica."""
+    import os
+    import socket
+
+    from cluster import parallel_replica
+    from cluster.placement import remove_group
+    from cluster.serve_config import ReplicaSettings
+
+    held = socket.socket()
+    held.bind(("", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    marker = str(tmp_path / "first-address-given")
+
+    def address() -> tuple[str, int]:  # runs as a Ray task: the held port first, then a free one
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            return ray.util.get_node_ip_address(), taken
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    monkeypatch.setattr(parallel_replica, "_rank0_address", address)
+    settings = ReplicaSettings(num_cpus=0.5, tensor_parallel_size=2, collective_timeout_s=20,
+                               start_timeout_s=120)
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=KV_BYTES, num_threads=1,
+                          dtype="float32")
+    try:
+        started = asyncio.run(parallel_replica.start_parallel_replica(
+            "port-retry", config, "tiny", settings))
+    finally:
+        held.close()
+    try:
+        assert os.path.exists(marker), "the taken port was never handed out"
+        assert started.card.name == "tiny"
+    finally:
+        remove_group(started.placement_group)

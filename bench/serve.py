@@ -9,8 +9,8 @@ Modes:
   concurrency levels and Poisson arrival rates (a bounded number of requests each), then runs the
   same prompts through the offline engine (max_num_seqs = concurrency) for the
   serving-vs-offline throughput ratio.
-- router: the gRPC router over in-process FakeReplicas (no model): TTFT here is what the router
-  and gRPC add, plus the fake's step delay.
+- router: the gRPC router over FakeReplicas (no model) in a process of its own: TTFT here is
+  what the router and gRPC add, plus the fake's step delay.
 Reports throughput, TTFT, TPOT and end-to-end latency (p50/p99) as a table, as JSON (--out) and,
 when matplotlib is importable, as a PNG of throughput against latency (--plot).
 """
@@ -239,7 +239,9 @@ def offline_runs(model_dir: Path, prompts: list[list[int]],
     return results
 
 
-def router_mode(args: argparse.Namespace) -> dict[str, Any]:
+def _serve_fakes(conn: Any, fake_step_s: float, replicas: int) -> None:
+    """The router over in-process FakeReplicas, in a process of its own (router mode): sends its
+    port, serves until told to stop."""
     from protos.messages import ModelCard
     from router.config import RouterConfig
     from router.fakes import FakeReplica, FakeTokenizer
@@ -247,20 +249,41 @@ def router_mode(args: argparse.Namespace) -> dict[str, Any]:
 
     card = ModelCard(name="fake", max_model_len=4096, vocab_size=512, eos_token_ids=[257],
                      block_size=16)
+
+    async def main() -> None:
+        fakes = [FakeReplica(f"fake-{i}", step_delay_s=fake_step_s) for i in range(replicas)]
+        server = await start_server(RouterConfig(port=0), fakes, FakeTokenizer(), card)
+        conn.send(server.port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def router_mode(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
+
     prompts = make_prompts(args.num_requests, args.prompt_tokens, 512, args.seed)
-
-    async def body() -> list[RunResult]:
-        replicas = [FakeReplica(f"fake-{i}", step_delay_s=args.fake_step_s)
-                    for i in range(args.replicas)]
-        server = await start_server(RouterConfig(port=0), replicas, FakeTokenizer(), card)
-        try:
-            return await drive(f"127.0.0.1:{server.port}", prompts, args, "router+fake")
-        finally:
-            await server.stop(0)
-
-    return {"mode": "router", "fake_step_s": args.fake_step_s, "runs": asyncio.run(body()),
-            "note": "client, router and fake replicas share one process and event loop; TTFT "
-                    "minus fake_step_s is the router's and gRPC's share"}
+    # The router runs in its own process, as in a deployment (its Ray actor): a load generator
+    # on the same event loop would add its own gRPC work to every TTFT.
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_serve_fakes, args=(theirs, args.fake_step_s, args.replicas),
+                       daemon=True)
+    proc.start()
+    try:
+        if not ours.poll(120):
+            raise RuntimeError("the router process did not start within 120 s")
+        port = ours.recv()
+        runs = asyncio.run(drive(f"127.0.0.1:{port}", prompts, args, "router+fake"))
+    finally:
+        ours.send("stop")
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return {"mode": "router", "fake_step_s": args.fake_step_s, "runs": runs,
+            "note": "router and fake replicas in one process, the load generator in another; "
+                    "TTFT minus fake_step_s is the router's and gRPC's share"}
 
 
 # -- output ------------------------------------------------------------------------------------

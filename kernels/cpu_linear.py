@@ -73,11 +73,16 @@ def amx_available() -> bool:
 
 
 def bf16_max_rows() -> int:
-    """Rows up to which linear_bf16 beats torch's bf16 GEMM here. With AMX the cost stays flat up
-    to 16 rows (a model's matmuls: 19 ms at 16 rows against torch's 24-35 ms) and is still ahead
-    at 32 (22-31 ms against 27-40); at 64 the two are even. Without AMX the AVX-512 kernel is
-    compute bound past 4 rows (bench/cpu_kernels.py)."""
-    return 32 if amx_available() else 4
+    """Rows up to which linear_bf16 runs instead of torch's bf16 GEMM here.
+
+    With AMX the cost stays flat up to 16 rows (a model's matmuls: 19 ms at 16 rows against
+    torch's 24-35 ms) and ties torch at 64 on an idle machine. It takes 64 rows because its
+    blocks are scheduled dynamically: when another process preempts one OpenMP thread, the
+    other takes over its blocks instead of waiting at a barrier. The offline engine beside a
+    process burning 2 ms in every 20: 281-299 tok/s against 254-262 with torch's statically
+    split GEMM (idle: 295-297 against 269-290). Without AMX the AVX-512 kernel is compute bound
+    past 4 rows (bench/cpu_kernels.py)."""
+    return 64 if amx_available() else 4
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,10 @@ int64_t amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, co
          * per step measured faster than several sharing each x load: the weight stream, not
          * the tile unit, is the limit, and 16 rows are as many streams as the prefetchers
          * follow well. */
-#pragma omp for schedule(static)
+        /* Dynamic chunks of 8 blocks: a thread preempted by another process (a router, a
+         * client on the same cores) hands its remaining blocks to the other thread instead of
+         * stalling it at the barrier. */
+#pragma omp for schedule(dynamic, 8)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const uint16_t *a = w + blk * 16 * k;
             _tile_zero(0);

@@ -1,9 +1,10 @@
 """y = x @ W.T + bias, the dense matmul every float layer calls.
 
-On CPU, bf16 activations with at most `cpu_linear.bf16_max_rows()` rows (decode steps of small
-batches, speculative verifies) go to the weight-streaming kernel in kernels/cpu_linear.py, which
-reads bf16 weights at close to memory bandwidth where torch's GEMM reaches about a third of it. Bigger batches are compute bound and
-torch's blocked GEMM wins; CUDA and every other case run `F.linear` (cuBLAS on GPU).
+On CPU, bf16 activations with at most `cpu_linear.bf16_max_rows()` rows (decode steps,
+speculative verifies) go to kernels/cpu_linear.py: AMX tiles where the CPU has them, else a
+weight-streaming AVX-512 kernel that reads bf16 weights at close to memory bandwidth where
+torch's GEMM reaches about a third of it. Bigger batches are compute bound and torch's blocked
+GEMM wins; CUDA and every other case run `F.linear` (cuBLAS on GPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from kernels import cpu_linear
 
 
 def multi_row_matmul_is_flat(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a matmul of a few (<= 16) rows costs about what one row costs here: on CUDA and
+    """Whether a matmul of a few rows (a speculative verify) costs about what one row costs here: on CUDA and
     for bf16 on AMX CPUs; the AVX-512 kernel alone is compute bound past 2-4 rows."""
     return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16
                                       and cpu_linear.amx_available())

@@ -5,11 +5,7 @@ model runs here, on a thread of its own: torch releases the GIL inside its kerne
 keep being answered during a forward pass. The engine itself is only ever touched by the step
 thread; other threads hand it work through locked queues.
 
-The step thread also builds the engine. libgomp keeps one OpenMP thread pool per thread that
-opens a parallel region, and once a process holds more pooled threads than CPUs it stops
-spinning between regions (its throttled spin count), so every small GEMM waits for sleeping
-workers to wake. A replica that loaded its model on the actor's main thread and stepped here had
-two pools: its matmuls used 1.5 of 2 cores, and serving ran at ~75% of the offline engine.
+The step thread also builds the engine (worker/compute_thread.py says why).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from collections.abc import Callable
 import msgspec
 
 from protos.messages import OutputDelta, PollResult, ReplicaStats, Request
+from worker.compute_thread import start_compute_thread
 from worker.distributed import PeerLostError
 from worker.engine import Engine
 
@@ -36,8 +33,8 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     def __init__(self, build: Callable[[], Engine], *, replica_id: str = "",
                  idle_wait_s: float = 1.0) -> None:
-        """`build` makes the Engine; it runs on the step thread (see the module docstring) and
-        its error, if any, is raised here."""
+        """`build` makes the Engine; it runs on the step thread and its error, if any, is
+        raised here."""
         self.engine: Engine
         self.replica_id = replica_id
         self._idle_wait_s = idle_wait_s  # only bounds how late a shutdown is noticed when idle
@@ -51,14 +48,14 @@ class AsyncEngine:
         # The one poll waiting for deltas, as (its loop, its event): set from the step thread.
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._wake = threading.Event()
-        self._built = threading.Event()
-        self._build_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(build,),
-                                        name=f"engine-{replica_id or 'loop'}", daemon=True)
-        self._thread.start()
-        self._built.wait()
-        if self._build_error is not None:
-            raise self._build_error
+
+        def build_and_snapshot() -> Engine:
+            self.engine = build()
+            self._stats = self._snapshot()
+            return self.engine
+
+        self._thread, _ = start_compute_thread(f"engine-{replica_id or 'loop'}",
+                                               build_and_snapshot, lambda _: self._run())
 
     # -- calls from the actor's event loop (any thread) ------------------------------------------
 
@@ -117,17 +114,6 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # -- the step thread ----------------------------------------------------------------------
-
-    def _main(self, build: Callable[[], Engine]) -> None:
-        try:
-            self.engine = build()
-            self._stats = self._snapshot()
-        except BaseException as exc:  # handed to __init__, which raises it in the caller
-            self._build_error = exc
-            return
-        finally:
-            self._built.set()
-        self._run()
 
     def _run(self) -> None:
         while True:

@@ -7,10 +7,10 @@ StepPlan broadcast and runs it, until rank 0 says stop or a peer is lost.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from worker.compute_thread import start_compute_thread
 from worker.config import EngineConfig, ModelConfig
 from worker.distributed import ParallelSpec, init_process_groups
 from worker.model_runner import resolve_device
@@ -40,30 +40,18 @@ class RankWorker:
         if rank == 0:
             raise ValueError("rank 0 runs the engine (cluster.replica_actor), not a RankWorker")
         self.rank = rank
-        self.runner: ParallelRunner
         self.error: str | None = None
         self.stopped = False
         self._on_failure = on_failure
-        # The runner is built on the thread that steps it, so that this process has a single
-        # OpenMP pool (worker/async_engine.py says why); a build error is raised here.
-        built = threading.Event()
-        failure: list[BaseException] = []
+        self.runner: ParallelRunner
 
-        def main() -> None:
-            try:
-                self.runner = build_parallel_runner(config, spec, rank)
-            except BaseException as exc:
-                failure.append(exc)
-                return
-            finally:
-                built.set()
-            self._loop()
+        def build() -> ParallelRunner:
+            # On the thread that steps it (worker/compute_thread.py says why); set before the
+            # loop starts reading it.
+            self.runner = build_parallel_runner(config, spec, rank)
+            return self.runner
 
-        self._thread = threading.Thread(target=main, name=f"rank-{rank}", daemon=True)
-        self._thread.start()
-        built.wait()
-        if failure:
-            raise failure[0]
+        self._thread, _ = start_compute_thread(f"rank-{rank}", build, lambda _: self._loop())
 
     def _loop(self) -> None:
         try:

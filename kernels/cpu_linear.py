@@ -22,6 +22,8 @@ INT4_GROUP_MULTIPLE = 32  # the kernel unpacks 32 nibbles at a time within a gro
 # Quantized matmuls with more activation rows than this are compute bound: they dequantize the
 # weight once per call and run torch's blocked GEMM (bench/cpu_kernels.py measures both sides).
 QUANT_SKINNY_MAX_ROWS = 8
+# bf16 matmuls of up to this many rows go to AMX where the CPU has it (see bf16_max_rows).
+AMX_MAX_ROWS = 256
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -65,7 +67,7 @@ def supports(kind: int) -> bool:
 
 @functools.cache
 def amx_available() -> bool:
-    """Whether bf16 matmuls of 1-64 rows run on AMX tiles here (compiled in, and the kernel
+    """Whether bf16 matmuls run on AMX tiles here (compiled in, and the kernel
     granted the tile-data permission)."""
     lib = _library()
     return lib is not None and bool(lib.skinny_linear_support() & BF16) \
@@ -76,13 +78,14 @@ def bf16_max_rows() -> int:
     """Rows up to which linear_bf16 runs instead of torch's bf16 GEMM here.
 
     With AMX the cost stays flat up to 16 rows (a model's matmuls: 19 ms at 16 rows against
-    torch's 24-35 ms) and ties torch at 64 on an idle machine. It takes 64 rows because its
-    blocks are scheduled dynamically: when another process preempts one OpenMP thread, the
-    other takes over its blocks instead of waiting at a barrier. The offline engine beside a
-    process burning 2 ms in every 20: 281-299 tok/s against 254-262 with torch's statically
-    split GEMM (idle: 295-297 against 269-290). Without AMX the AVX-512 kernel is compute bound
-    past 4 rows (bench/cpu_kernels.py)."""
-    return 64 if amx_available() else 4
+    torch's 24-35 ms). From 65 rows on, a register-blocked tile loop reuses weights and packed
+    rows from cache; at 128-256 rows it measured 1.0-1.5x torch's GEMM, at 512-2048 0.6-1.4x, so
+    prefill chunks up to 256 rows come here. Its blocks are scheduled dynamically: when another
+    process preempts one OpenMP thread, the other takes over its blocks instead of waiting at a
+    barrier. The offline engine beside a process burning 2 ms in every 20: 281-299 tok/s against
+    254-262 with torch's statically split GEMM (idle: 295-297 against 269-290). Without AMX the
+    AVX-512 kernel is compute bound past 4 rows (bench/cpu_kernels.py)."""
+    return AMX_MAX_ROWS if amx_available() else 4
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

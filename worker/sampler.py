@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.argmax import argmax_rows
 from protos.messages import SampledLogprobs, TokenLogprob
 from worker.sequence import Sequence
 
@@ -94,7 +95,7 @@ class Sampler:
         if pen_rows:
             apply_penalties(logits, seqs, pen_rows)
 
-        tokens = logits.argmax(-1)
+        tokens = argmax_rows(logits)
         rand_rows = [r for r, p in enumerate(params) if not p.greedy]
         if rand_rows:
             idx = torch.tensor(rand_rows)
@@ -119,7 +120,7 @@ class Sampler:
                 g = seqs[r].generator
                 if g is not None:
                     noise[i].exponential_(generator=g)
-            tokens.index_copy_(0, idx, (probs / noise).argmax(-1))
+            tokens.index_copy_(0, idx, argmax_rows(probs / noise))
 
         token_list = tokens.tolist()
         lps: list[SampledLogprobs | None] = [None] * n

@@ -10,7 +10,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 void silu_and_mul(const void *gu, void *out, int64_t rows, int64_t inter, int bf16,
                   int num_threads) {
-#pragma omp parallel for num_threads(rows >= 16 ? num_threads : 1) schedule(static)
+#pragma omp parallel for num_threads(rows >= 16 ? num_threads : 1) schedule(dynamic, 4)
     for (int64_t r = 0; r < rows; ++r) {
         int64_t i = 0;
 #ifdef __AVX512F__

@@ -1,5 +1,10 @@
 /* What every CPU kernel shares: bf16 <-> fp32 conversion with torch's rounding, exp and a
- * 16-way horizontal sum. */
+ * 16-way horizontal sum.
+ *
+ * Parallel loops use schedule(dynamic, chunk), not static: a router or client process that
+ * preempts one OpenMP thread for a millisecond would otherwise stall the other at the loop's
+ * barrier (measured: a process using 5% of the machine in 2 ms bursts cost a statically split
+ * engine 23-36% of its throughput). Every row's result is the same either way. */
 #ifndef TANDEM_COMMON_H
 #define TANDEM_COMMON_H
 

@@ -7,7 +7,7 @@ void store_kv(const void *key, int64_t key_stride, const void *value, int64_t va
               void *k_cache, void *v_cache, const int64_t *slots, int64_t tokens,
               int64_t row_bytes, int num_threads) {
     /* Strides in bytes. */
-#pragma omp parallel for num_threads(tokens >= 256 ? num_threads : 1) schedule(static)
+#pragma omp parallel for num_threads(tokens >= 256 ? num_threads : 1) schedule(dynamic, 32)
     for (int64_t t = 0; t < tokens; ++t) {
         const int64_t s = slots[t];
         if (s < 0) continue;

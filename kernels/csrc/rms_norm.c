@@ -57,7 +57,7 @@ static void rms_rows(const void *x, const void *residual, void *residual_out, co
     const size_t e = bf16 ? 2 : 4;
 #ifdef __AVX512F__
     if (hidden % 16 == 0) {
-#pragma omp parallel for num_threads(rows >= 16 ? num_threads : 1) schedule(static)
+#pragma omp parallel for num_threads(rows >= 16 ? num_threads : 1) schedule(dynamic, 8)
         for (int64_t t = 0; t < rows; ++t) {
             const char *xr = (const char *)x + t * hidden * e;
             const char *rr = residual ? (const char *)residual + t * hidden * e : NULL;
@@ -83,7 +83,7 @@ static void rms_rows(const void *x, const void *residual, void *residual_out, co
         return;
     }
 #endif
-#pragma omp parallel for num_threads(rows >= 64 ? num_threads : 1) schedule(static)
+#pragma omp parallel for num_threads(rows >= 64 ? num_threads : 1) schedule(dynamic, 8)
     for (int64_t t = 0; t < rows; ++t) {
         const char *xr = (const char *)x + t * hidden * e;
         const char *rr = residual ? (const char *)residual + t * hidden * e : NULL;

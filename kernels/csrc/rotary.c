@@ -35,7 +35,7 @@ void rotary_inplace(void *q, int64_t q_ld, int64_t q_heads, void *k, int64_t k_l
                     int64_t k_heads, int64_t d, const int64_t *positions, int64_t tokens,
                     const float *cache, int64_t rot_dim, int bf16, int num_threads) {
     const int64_t half = rot_dim / 2;
-#pragma omp parallel for num_threads(tokens >= 64 ? num_threads : 1) schedule(static)
+#pragma omp parallel for num_threads(tokens >= 64 ? num_threads : 1) schedule(dynamic, 8)
     for (int64_t t = 0; t < tokens; ++t) {
         const float *cs = cache + positions[t] * rot_dim;
         if (bf16) {

@@ -63,14 +63,15 @@ def _has_amx() -> bool:
     return flagged and (major, minor) >= (5, 16)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 64, 65])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 64, 65, 100, 130, 300])
 def test_amx_part_covers_whole_blocks_and_matches(m: int) -> None:
-    """On an AMX machine 1-64 rows (up to four groups of 16) go through tiles for every whole
-    16-column block (the remaining 5 columns are AVX-512's); the tile result matches the
-    float64 reference."""
+    """On an AMX machine every row count goes through tiles for every whole 16-column block (the
+    remaining 5 columns are AVX-512's): up to 64 rows the skinny loop, past that the blocked
+    one, with an odd block count, an odd group count and more than one panel of rows among the
+    cases; the tile result matches the float64 reference."""
     x, w, b = _inputs(m, 53, 160, torch.bfloat16, seed=m)
     y, done = cpu_linear.amx_part_bf16(x, w, b)
-    expected = 48 if _has_amx() and m <= 64 else 0
+    expected = 48 if _has_amx() else 0
     assert done == expected
     if done:
         assert_close(y[:, :done], _reference(x, w, b)[:, :done], torch.bfloat16, f"amx m={m}")
@@ -78,8 +79,9 @@ def test_amx_part_covers_whole_blocks_and_matches(m: int) -> None:
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
-    """Bit for bit, for every row count the skinny kernel takes: a speculative verify (k + 1
-    rows) must reproduce plain decoding (1 row) exactly, or greedy outputs diverge in bf16."""
+    """Bit for bit, for every row count the kernels take (with AMX: the skinny loop and the
+    blocked one): a speculative verify (k + 1 rows) must reproduce plain decoding (1 row)
+    exactly, or greedy outputs diverge in bf16."""
     x, w, b = _inputs(cpu_linear.bf16_max_rows(), 1037, 576, torch.bfloat16, seed=11)
     alone = cpu_linear.linear_bf16(x[:1], w, b)
     for m in range(2, x.shape[0] + 1):
@@ -120,7 +122,7 @@ def test_int4_matches_dequantized_reference(m: int, group: int, dtype: torch.dty
 def test_ops_route_small_batches_to_the_kernels() -> None:
     """`linear`/`int8_linear` on CPU give the kernel's exact output for decode-sized batches."""
     rows = cpu_linear.bf16_max_rows()
-    assert rows == (64 if _has_amx() else 4)
+    assert rows == (cpu_linear.AMX_MAX_ROWS if _has_amx() else 4)
     x, w, _ = _inputs(rows, 24, 64, torch.bfloat16, seed=1)
     assert torch.equal(linear(x, w), cpu_linear.linear_bf16(x, w))
     q, s = quantize_int8(w.float())

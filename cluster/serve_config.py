@@ -74,7 +74,9 @@ class ReplicaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     start_timeout_s: float = 600.0  # placement group ready + model loaded
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 10.0
-    poll_timeout_s: float = 0.05  # a long-poll returns after this even without a step
+    # A long-poll returns after this even without a step. Any step returns it sooner and a dead
+    # actor fails it at once; a short timeout only re-polls through every long prefill step.
+    poll_timeout_s: float = 0.5
     restart_backoff_s: float = 2.0  # first wait before retrying a failed replacement
     # Custom Ray resources every bundle also reserves, e.g. {"tandem_replica": 1} declared only
     # on worker nodes keeps replicas off the head (deploy/README.md).

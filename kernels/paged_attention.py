@@ -7,7 +7,9 @@ the paged cache. Each query attends causally to its paged past plus itself (and 
 p - window < j <= p, as in Hugging Face's Mistral).
 
 On CPU, decode rows go to a C kernel that reads the pages in place (kernels/cpu_paged_attention.py,
-proven against the reference); prefill chunks run one SDPA each. The reference is still the
+proven against the reference). Prefill chunks without a cached past share batched causal SDPA
+calls, right-padded to the longest of a batch (a padded key sits after every real query, so the
+causal mask alone hides it); the others run one SDPA each. The reference is still the
 fallback CPU path, so it is written for speed too: decodes are batched into one gathered SDPA call. Gather indices and masks depend only on
 the step, not on the layer, so they are built once per step (`AttentionMetadata.reference_plan`).
 """
@@ -61,6 +63,65 @@ class _PrefillChunk:
 
 
 @dataclass
+class _FreshBatch:
+    """Prefill chunks with no cached past, run as one causal SDPA over [B, H, q_len, D]."""
+
+    batch: int
+    q_len: int  # the longest chunk's; shorter ones are right-padded
+    q_rows: torch.Tensor  # [B * q_len] query row of each padded position (pads repeat a row)
+    slots: torch.Tensor  # [B * q_len] cache row of each padded position (pads: any real row)
+    # Where real positions go: out rows, and their index among the padded ones (None: no pads).
+    out_rows: torch.Tensor
+    real: torch.Tensor | None
+
+
+# Padding a batch of fresh chunks costs compute on pad rows; past this share, split the batch.
+_MAX_PAD_FACTOR = 1.25
+
+
+def _fresh_batches(chunks: list[_PrefillChunk], device: torch.device
+                   ) -> tuple[list[_FreshBatch], list[_PrefillChunk]]:
+    """Groups causal chunks without a past or window mask, longest first, into batches padded
+    by at most _MAX_PAD_FACTOR; returns them and the chunks left to run alone."""
+    fresh = sorted((c for c in chunks if c.mask is None and c.past_len == 0),
+                   key=lambda c: c.q_end - c.q_start, reverse=True)
+    alone = [c for c in chunks if not (c.mask is None and c.past_len == 0)]
+    groups: list[list[_PrefillChunk]] = []
+    for c in fresh:
+        n = c.q_end - c.q_start
+        g = groups[-1] if groups else None
+        if g is not None:
+            longest = g[0].q_end - g[0].q_start
+            real = sum(x.q_end - x.q_start for x in g) + n
+            if longest * (len(g) + 1) <= _MAX_PAD_FACTOR * real:
+                g.append(c)
+                continue
+        groups.append([c])
+    batches = []
+    for g in groups:
+        if len(g) == 1:
+            alone.append(g[0])
+            continue
+        q_len = g[0].q_end - g[0].q_start
+        q_rows, slots, out_rows, real = [], [], [], []
+        for b, c in enumerate(g):
+            n = c.q_end - c.q_start
+            rows = list(range(c.q_start, c.q_end))
+            q_rows += rows + [c.q_start] * (q_len - n)
+            slots.append(c.slots)
+            if q_len > n:
+                slots.append(c.slots[:1].expand(q_len - n))
+            out_rows += rows
+            real += range(b * q_len, b * q_len + n)
+        padded = len(out_rows) < len(q_rows)
+        batches.append(_FreshBatch(
+            len(g), q_len, torch.tensor(q_rows, device=device), torch.cat(slots),
+            torch.tensor(out_rows, device=device),
+            torch.tensor(real, device=device) if padded else None))
+    return batches, alone
+
+
+@dataclass
 class _DecodeGather:
     # [Bd, max_blocks] cache blocks of each decode. Whole blocks are gathered (contiguous
     # block_size * Hkv * D runs) rather than single token rows: ~20% faster attention on CPU.
@@ -76,6 +137,13 @@ class _ReferencePlan:
     all_decode: bool
     chunks: list[_PrefillChunk]
     _gather: _DecodeGather | None = field(default=None, repr=False)
+    _fresh: tuple[list[_FreshBatch], list[_PrefillChunk]] | None = field(default=None,
+                                                                         repr=False)
+
+    def fresh_batches(self, device: torch.device) -> tuple[list[_FreshBatch], list[_PrefillChunk]]:
+        if self._fresh is None:
+            self._fresh = _fresh_batches(self.chunks, device)
+        return self._fresh
 
     @staticmethod
     def build(meta: AttentionMetadata) -> _ReferencePlan:
@@ -164,11 +232,21 @@ def _reference_decodes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def _reference_chunks(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       plan: _ReferencePlan, scale: float, out: torch.Tensor) -> None:
-    """Prefill chunks, one SDPA each, written into their rows of `out`."""
+    """Prefill chunks, written into their rows of `out`: fresh ones in batched SDPA calls,
+    the others one SDPA each."""
     num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    for c in plan.chunks:
+    batches, alone = plan.fresh_batches(query.device)
+    for fb in batches:
+        shape = (fb.batch, fb.q_len, -1, head_dim)
+        q = query.index_select(0, fb.q_rows).view(shape).transpose(1, 2)  # [B, Hq, L, D]
+        k = _expand_heads_batched(k_flat.index_select(0, fb.slots).view(shape), num_heads)
+        v = _expand_heads_batched(v_flat.index_select(0, fb.slots).view(shape), num_heads)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B * L, Hq, D]
+        out.index_copy_(0, fb.out_rows, o if fb.real is None else o.index_select(0, fb.real))
+    for c in alone:
         q = query[c.q_start:c.q_end].transpose(0, 1)  # [Hq, q_len, D]
         # Expanding KV heads beats enable_gqa here: in bf16 enable_gqa leaves the fused kernel.
         k = _expand_heads(k_flat.index_select(0, c.slots), num_heads)  # [Hq, L, D]
@@ -194,6 +272,17 @@ def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     group = num_heads // num_kv_heads
     return x.unsqueeze(1).expand(num_kv_heads, group, length, head_dim).reshape(
         num_heads, length, head_dim)
+
+
+def _expand_heads_batched(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, Hkv, D] -> [B, Hq, L, D], each KV head repeated for its query-head group."""
+    batch, length, num_kv_heads, head_dim = x.shape
+    x = x.transpose(1, 2)
+    if num_kv_heads == num_heads:
+        return x
+    group = num_heads // num_kv_heads
+    return x.unsqueeze(2).expand(batch, num_kv_heads, group, length, head_dim).reshape(
+        batch, num_heads, length, head_dim)
 
 
 def _past_plus_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,

@@ -46,7 +46,7 @@ class _InFlight:
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self.queue: asyncio.Queue[OutputDelta | StreamError] = asyncio.Queue()
+        self.queue: asyncio.Queue[OutputDelta | StreamError | _Deadline] = asyncio.Queue()
         self.replica_id: str | None = None
         # Every token handed to the stream so far: what a re-submission must not repeat.
         self.output_token_ids: list[int] = []
@@ -54,31 +54,54 @@ class _InFlight:
         self.orphan_timer: asyncio.TimerHandle | None = None
 
 
+class _Deadline:
+    """Queued by a stream's deadline timer: the consumer's time is up."""
+
+
 class RequestStream:
     """The consumer's end of one request."""
 
     def __init__(self, request_id: str, inflight: _InFlight) -> None:
         self.request_id = request_id
-        self._queue = inflight.queue
-        self._error: StreamError | None = None
+        self._queue: asyncio.Queue[OutputDelta | StreamError | _Deadline] = inflight.queue
+        self._error: StreamError | _Deadline | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def next(self, timeout: float | None = None) -> list[OutputDelta]:
+    def set_deadline(self, timeout: float | None) -> None:
+        """From `timeout` seconds on, next() raises asyncio.TimeoutError. One timer for the
+        whole stream: a wait_for per delta cost a task and a timer for every token."""
+        if timeout is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                max(timeout, 0.0), self._queue.put_nowait, _Deadline())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def next(self) -> list[OutputDelta]:
         """Waits for at least one delta and returns it with any already queued behind it, so that
         a slow reader gets fewer, larger messages. Raises asyncio.TimeoutError or StreamFailed."""
         if self._error is not None:
-            raise StreamFailed(self._error)
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+            self._raise(self._error)
+        item = self._queue.get_nowait() if not self._queue.empty() else await self._queue.get()
         deltas: list[OutputDelta] = []
         while True:
-            if isinstance(item, StreamError):
+            if not isinstance(item, OutputDelta):
                 if not deltas:
-                    raise StreamFailed(item)
+                    self._raise(item)
                 self._error = item  # hand over the deltas before it first
                 return deltas
             deltas.append(item)
             if item.finished or self._queue.empty():
                 return deltas
             item = self._queue.get_nowait()
+
+    @staticmethod
+    def _raise(item: StreamError | _Deadline) -> None:
+        if isinstance(item, _Deadline):
+            raise asyncio.TimeoutError
+        raise StreamFailed(item)
 
 
 class Fleet:

@@ -82,10 +82,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         num_output = 0
         num_cached = 0
         finished = False
+        stream.set_deadline(context.time_remaining())
         try:
             while not finished:
                 try:
-                    deltas = await stream.next(timeout=context.time_remaining())
+                    deltas = await stream.next()
                 except asyncio.TimeoutError:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"deadline exceeded after {num_output} output tokens")
@@ -116,6 +117,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             cached_tokens=min(num_cached, prompt)))
                 yield response
         finally:
+            stream.close()
             # Client cancelled or went away, deadline, or error: free the replica's work now.
             if not finished:
                 self._fleet.abort(req.request_id)

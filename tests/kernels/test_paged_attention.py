@@ -93,6 +93,31 @@ def test_reference_matches_naive(heads: tuple[int, int], window: int | None) -> 
     assert_close(out, naive_attention(q, kc, vc, meta, tables, scale), torch.float32, "reference")
 
 
+# Fresh prefills (no past) of unequal lengths among decodes and a chunk with a past: the first
+# four share one right-padded batch, the 5-token one runs alone (padding it would pass 1.25x).
+FRESH = [(37, 37), (90, 1), (30, 30), (37, 37), (53, 20), (16, 16), (5, 5), (3, 1)]
+
+
+@pytest.mark.parametrize(("dtype", "heads"), [(torch.float32, (4, 4)), (torch.bfloat16, (8, 2))])
+def test_fresh_chunks_share_padded_batches(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+    q, kc, vc, meta, tables = make_batch(FRESH, *heads, 32, 16, dtype, None, seed=4)
+    batches, alone = meta.reference_plan().fresh_batches(q.device)
+    assert [(b.batch, b.q_len, b.real is not None) for b in batches] == [(4, 37, True)]
+    assert sorted(c.q_end - c.q_start for c in alone) == [5, 20]
+    scale = 32 ** -0.5
+    out = paged_attention_reference(q, kc, vc, meta, scale)
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, scale), dtype, "fresh batches")
+
+
+def test_equal_fresh_chunks_batch_without_padding() -> None:
+    q, kc, vc, meta, tables = make_batch([(20, 20), (90, 1), (20, 20)], 8, 2, 32, 16,
+                                         torch.float32, None, seed=6)
+    batches, alone = meta.reference_plan().fresh_batches(q.device)
+    assert [(b.batch, b.q_len, b.real) for b in batches] == [(2, 20, None)] and not alone
+    out = paged_attention_reference(q, kc, vc, meta, 0.2)
+    assert_close(out, naive_attention(q, kc, vc, meta, tables, 0.2), torch.float32, "equal")
+
+
 # (dtype, head_dim, (Hq, Hkv), window, partition_size, block_size): every value of each axis is
 # covered, and split-K (partition 32 < contexts up to 90) runs with and without a window, GQA
 # 1/4/8 and both head dims. The interpreter is slow, so this is a covering set, not a product.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from protos.messages import (
     OutputDelta,
@@ -52,6 +53,9 @@ class FakeReplica(ReplicaHandle):
         self._wake = asyncio.Event()
         self._dead = False
         self._steps = 0
+        # Wall time the "forward passes" really took: asyncio.sleep overshoots short delays
+        # (epoll waits whole milliseconds), and router benchmarks subtract this, not the ask.
+        self.step_seconds_total = 0.0
 
     @property
     def running_ids(self) -> list[str]:
@@ -84,7 +88,9 @@ class FakeReplica(ReplicaHandle):
             self._check_alive()
         deltas: list[OutputDelta] = []
         if self._running:
+            t0 = time.perf_counter()
             await asyncio.sleep(self.step_delay_s)  # the "forward pass"
+            self.step_seconds_total += time.perf_counter() - t0
             self._check_alive()
             self._steps += 1
             deltas = [self._step(seq) for seq in list(self._running.values())]

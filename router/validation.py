@@ -24,12 +24,6 @@ class TokenizerLike(Protocol):
                             add_generation_prompt: bool = True) -> str: ...
 
 
-# Fields of pb.SamplingParams declared `optional`: unset means SamplingParams' own default.
-_OPTIONAL_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-    "include_stop_str_in_output", "skip_special_tokens",
-)
 # Longer inputs are tokenized on a worker thread so that one big prompt does not stall every
 # stream on the event loop; shorter ones are not worth the thread hop.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -37,11 +31,11 @@ MAX_REQUEST_ID_CHARS = 256
 
 
 def sampling_params(proto: pb.SamplingParams) -> SamplingParams:
-    kwargs: dict[str, object] = {
-        name: getattr(proto, name) for name in _OPTIONAL_SAMPLING_FIELDS if proto.HasField(name)
-    }
-    kwargs["stop"] = tuple(proto.stop)
-    kwargs["stop_token_ids"] = tuple(proto.stop_token_ids)
+    # ListFields names only the fields the client set (every scalar here is `optional`), in one
+    # call instead of a HasField per field: this runs on every request's path to its first token.
+    kwargs: dict[str, object] = {fd.name: value for fd, value in proto.ListFields()}
+    kwargs["stop"] = tuple(kwargs.get("stop", ()))
+    kwargs["stop_token_ids"] = tuple(kwargs.get("stop_token_ids", ()))
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:  # SamplingParams' message already names the field

@@ -88,6 +88,20 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
         assert torch.equal(cpu_linear.linear_bf16(x[:m], w, b)[:1], alone), f"m={m}"
 
 
+def test_outputs_larger_than_the_caches_are_streamed_out_exactly() -> None:
+    """A prefill-sized y (past 8 MB) leaves through non-temporal stores; an odd block count puts
+    its last 16 columns through the half-line path. Both match the reference and the one-row
+    result bit for bit."""
+    if not _has_amx():
+        pytest.skip("the streamed path is AMX's")
+    x, w, b = _inputs(1040, 4112, 64, torch.bfloat16, seed=12)
+    y, done = cpu_linear.amx_part_bf16(x, w, b)
+    assert done == 4112 and y.numel() * 2 >= 8 << 20
+    assert_close(y, _reference(x, w, b), torch.bfloat16, "streamed")
+    for r in (0, 517, 1039):
+        assert torch.equal(cpu_linear.amx_part_bf16(x[r:r + 1], w, b)[0][0], y[r]), f"row {r}"
+
+
 def test_bf16_strided_rows_and_leading_dims() -> None:
     """x may be a column slice of a wider tensor (rows not contiguous) and carry batch dims."""
     x, w, b = _inputs(4, 40, 64, torch.bfloat16, seed=5)

@@ -171,7 +171,8 @@ def serve_mode(args: argparse.Namespace) -> dict[str, Any]:
     vocab = ModelConfig.from_hf_dir(model_dir).vocab_size
     prompts = make_prompts(args.num_requests, args.prompt_tokens, vocab, args.seed)
     engine = {"num_threads": args.threads, "max_num_seqs": max(*args.concurrency, 64),
-              "kv_cache_bytes": args.kv_cache_bytes}
+              "kv_cache_bytes": args.kv_cache_bytes,
+              "max_num_batched_tokens": args.max_num_batched_tokens}
     config = build_serve_config(None, {
         "model": str(model_dir), "replicas": args.replicas, "engine": engine,
         "replica": {"num_cpus": args.replica_cpus}, "router": {"port": 0}})
@@ -213,7 +214,8 @@ def offline_runs(model_dir: Path, prompts: list[list[int]],
     params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
     for c in args.concurrency:
         engine = Engine(EngineConfig(model=str(model_dir), num_threads=args.threads,
-                                     max_num_seqs=c, kv_cache_bytes=args.kv_cache_bytes))
+                                     max_num_seqs=c, kv_cache_bytes=args.kv_cache_bytes,
+                                     max_num_batched_tokens=args.max_num_batched_tokens))
         engine.add_request(Request(request_id="warmup", prompt_token_ids=prompts[0],
                                    sampling=SamplingParams(max_tokens=4, temperature=0.0)))
         while engine.has_unfinished():
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads per engine")
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step, both sides (the engine's default)")
     p.add_argument("--fake-step-s", type=float, default=0.001, help="router mode: fake step")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

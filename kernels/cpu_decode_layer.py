@@ -57,6 +57,9 @@ def _library() -> ctypes.CDLL | None:
     lib.decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), _ptr, _ptr, _ptr,
                                  _ptr]
     lib.decode_layer.restype = None
+    lib.decode_layers.argtypes = [ctypes.POINTER(_Layer), _i64, ctypes.POINTER(_Step), _ptr, _ptr,
+                                  _ptr, _ptr, _ptr, _ptr]
+    lib.decode_layers.restype = None
     lib.decode_layer_workspace_bytes.argtypes = [ctypes.POINTER(_Layer), _i64, _i64]
     lib.decode_layer_workspace_bytes.restype = ctypes.c_size_t
     return lib
@@ -174,4 +177,29 @@ def run_layer(layer: LayerSpec, step: StepSpec, x: torch.Tensor,
     _library().decode_layer(ctypes.byref(layer.struct), ctypes.byref(step.struct), x.data_ptr(),
                             None if residual is None else residual.data_ptr(), x_out.data_ptr(),
                             res_out.data_ptr())
+    return x_out, res_out
+
+
+class LayerStack:
+    """A stage's fused layers as one C array, run by one call per step (`run_layers`): the step
+    thread then retakes the GIL once per forward instead of once per layer, which matters when
+    a replica's event loop and Ray's threads share the process."""
+
+    def __init__(self, specs: list[LayerSpec]) -> None:
+        self.specs = specs  # keeps the tensors the structs point into alive
+        self.array = (_Layer * len(specs))(*(s.struct for s in specs))
+
+
+def run_layers(stack: LayerStack, step: StepSpec, x: torch.Tensor,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_layer over every layer of the stack, in one call."""
+    first = stack.specs[0]
+    assert x.dtype == first.dtype and x.is_contiguous() and x.shape == (step.rows, first.hidden)
+    if residual is not None:
+        assert residual.dtype == x.dtype and residual.is_contiguous()
+    x_out, res_out, tmp_x, tmp_res = (torch.empty_like(x) for _ in range(4))
+    _library().decode_layers(stack.array, len(stack.specs), ctypes.byref(step.struct),
+                             x.data_ptr(), None if residual is None else residual.data_ptr(),
+                             x_out.data_ptr(), res_out.data_ptr(), tmp_x.data_ptr(),
+                             tmp_res.data_ptr())
     return x_out, res_out

@@ -132,3 +132,20 @@ void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *re
 
 /* Lets the binding check that its structure layouts match this file's. */
 int decode_layer_abi(void) { return (int)(1000 + sizeof(TLinear) * 10 + sizeof(TLayer) + sizeof(TStep)); }
+
+/* A stage's layers in one call: the caller (Python) releases and retakes the GIL once per step
+ * instead of once per layer, so a replica's other threads (its event loop, Ray's) cannot hold
+ * the step up between layers. Outputs alternate between (tmp_x, tmp_residual) and
+ * (x_out, residual_out) so that the last layer writes the latter. */
+void decode_layers(const TLayer *layers, int64_t n, const TStep *S, const void *x,
+                   const void *residual, void *x_out, void *residual_out, void *tmp_x,
+                   void *tmp_residual) {
+    const void *xi = x, *ri = residual;
+    for (int64_t i = 0; i < n; ++i) {
+        const int last_side = (n - 1 - i) % 2 == 0;
+        void *xo = last_side ? x_out : tmp_x, *ro = last_side ? residual_out : tmp_residual;
+        decode_layer(&layers[i], S, xi, ri, xo, ro);
+        xi = xo;
+        ri = ro;
+    }
+}

@@ -18,19 +18,20 @@ BATCH = PROMPTS[:3]  # decode steps of 3, then fewer as none finish early: all f
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
-    """Counts fused layer calls; fails the test if the C kernels are not available here."""
+    """Counts layers run fused (a stage's layers go in one run_layers call); fails the test if
+    the C kernels are not available here."""
     import torch
 
     if not fused.available(torch.float32):
         pytest.fail("the fused CPU decode layer did not build on this machine")
     calls = [0]
-    run = fused.run_layer
+    run = fused.run_layers
 
-    def counting(*args, **kw):
-        calls[0] += 1
-        return run(*args, **kw)
+    def counting(stack, *args, **kw):
+        calls[0] += len(stack.specs)
+        return run(stack, *args, **kw)
 
-    monkeypatch.setattr(fused, "run_layer", counting)
+    monkeypatch.setattr(fused, "run_layers", counting)
     return calls
 
 
@@ -69,7 +70,7 @@ def test_fused_equals_unfused(dtype: str, quantization: str | None, tiny_model_d
     kw = dict(dtype=dtype, quantization=quantization, quant_group_size=32)
     with_fused = engine_greedy(_engine(path, **kw), BATCH, tag="f")
     assert fused_calls[0] > 0
-    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: [])
+    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
     without = engine_greedy(_engine(path, **kw), BATCH, tag="u")
     assert with_fused == without
 
@@ -86,5 +87,32 @@ def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_
     path = tiny_model_dir("llama-gqa")
     with_fused = engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="f")
     assert fused_calls[0] == 2 * (1 + 15), "the 15-token prefill step was not fused"
-    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: [])
+    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
     assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
+
+
+def test_run_layers_equals_layer_by_layer_for_odd_and_even_stacks(tiny_model_dir,
+                                                                   monkeypatch) -> None:
+    """run_layers alternates between two output pairs; for 1, 2 and 3 layers its result must be
+    what run_layer gives layer by layer, bit for bit."""
+    import torch
+
+    path = tiny_model_dir("llama-gqa")
+    seen = []
+    run = fused.run_layers
+
+    def capture(stack, step, x, residual=None):
+        seen.append((stack, step, x.clone()))
+        return run(stack, step, x, residual)
+
+    monkeypatch.setattr(fused, "run_layers", capture)
+    engine_greedy(_engine(path, dtype="float32"), BATCH[:1], tag="c")
+    stack, step, x = seen[-1]
+    s0, s1 = stack.specs
+    for specs in ([s0], [s0, s1], [s0, s1, s0]):
+        # Each run stores the step's K/V again, identically in both orders.
+        together = run(fused.LayerStack(specs), step, x)
+        y, r = x, None
+        for spec in specs:
+            y, r = fused.run_layer(spec, step, y, r)
+        assert torch.equal(together[0], y) and torch.equal(together[1], r), len(specs)

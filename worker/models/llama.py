@@ -118,21 +118,24 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         # Fused CPU decode layers, built on first use (after the KV cache is bound) and keyed by
         # the cache they point into; an empty list: this model cannot use them.
-        self._fused: tuple[int, list[fused.LayerSpec], int] | None = None
+        self._fused: tuple[int, fused.LayerStack | None, int] | None = None
 
-    def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> list[fused.LayerSpec]:
-        """The fused specs of this stage's layers when this step can use them, else []."""
+    def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> fused.LayerStack | None:
+        """This stage's layers for the fused kernel when this step can use them, else None."""
         if (x.device.type != "cpu" or x.shape[0] > fused.MAX_ROWS_AMX
                 or meta.slot_mapping is None or not x.is_contiguous()):
-            return []
+            return None
         first = self.layers[self.start]
         key = first.self_attn.attn.k_cache.data_ptr()
         if self._fused is None or self._fused[0] != key:
             specs = [self.layers[i].fused_spec() for i in range(self.start, self.end)]
-            usable = [] if any(s is None for s in specs) else specs
-            self._fused = (key, usable, fused.max_rows(usable))
-        _, specs, max_rows = self._fused
-        return specs if x.shape[0] <= max_rows else []
+            usable = [s for s in specs if s is not None]
+            if not usable or len(usable) < len(specs):
+                self._fused = (key, None, 0)
+            else:
+                self._fused = (key, fused.LayerStack(usable), fused.max_rows(usable))
+        _, stack, max_rows = self._fused
+        return stack if stack is not None and x.shape[0] <= max_rows else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,11 +144,10 @@ class LlamaModel(nn.Module):
         layer's norm adds them first anyway, so one tensor crosses the link instead of two."""
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         residual = None
-        if specs := self.fused_layers(x, meta):
+        if (stack := self.fused_layers(x, meta)) is not None:
             step = fused.StepSpec.for_tokens(positions, meta.slot_mapping, meta.block_tables,
-                                             meta.query_start_host, specs[0])
-            for spec in specs:
-                x, residual = fused.run_layer(spec, step, x, residual)
+                                             meta.query_start_host, stack.specs[0])
+            x, residual = fused.run_layers(stack, step, x)
         else:
             for layer in self.layers[self.start:self.end]:
                 x, residual = layer(positions, x, residual, meta)

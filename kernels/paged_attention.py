@@ -83,9 +83,11 @@ def _fresh_batches(chunks: list[_PrefillChunk], device: torch.device
                    ) -> tuple[list[_FreshBatch], list[_PrefillChunk]]:
     """Groups causal chunks without a past or window mask, longest first, into batches padded
     by at most _MAX_PAD_FACTOR; returns them and the chunks left to run alone."""
-    fresh = sorted((c for c in chunks if c.mask is None and c.past_len == 0),
-                   key=lambda c: c.q_end - c.q_start, reverse=True)
-    alone = [c for c in chunks if not (c.mask is None and c.past_len == 0)]
+    fresh: list[_PrefillChunk] = []
+    alone: list[_PrefillChunk] = []
+    for c in chunks:
+        (fresh if c.mask is None and c.past_len == 0 else alone).append(c)
+    fresh.sort(key=lambda c: c.q_end - c.q_start, reverse=True)
     groups: list[list[_PrefillChunk]] = []
     for c in fresh:
         n = c.q_end - c.q_start
@@ -265,13 +267,7 @@ def _reference_chunks(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[L, Hkv, D] -> [Hq, L, D], each KV head repeated for its query-head group."""
-    length, num_kv_heads, head_dim = x.shape
-    x = x.transpose(0, 1)
-    if num_kv_heads == num_heads:
-        return x
-    group = num_heads // num_kv_heads
-    return x.unsqueeze(1).expand(num_kv_heads, group, length, head_dim).reshape(
-        num_heads, length, head_dim)
+    return _expand_heads_batched(x.unsqueeze(0), num_heads).squeeze(0)
 
 
 def _expand_heads_batched(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -108,16 +108,20 @@ static inline __m256i bf16x16(__m512 v) {
     return _mm512_cvtepi32_epi16(out);
 }
 
+/* bias[n0 .. n0 + 15] as fp32 (0 without a bias). */
+static inline __m512 bias16(const uint16_t *bias, int64_t n0) {
+    if (!bias) return _mm512_setzero_ps();
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0))), 16));
+}
+
 /* C tile (16 weight rows x 16 rows of x) -> y[j][n0 .. n0 + 15] for j < rows, with bias. */
 static inline void store_block(const float *c, int64_t rows, int64_t n0, const uint16_t *bias,
                                uint16_t *y, int64_t ldy) {
     __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(c + 16 * i);
     transpose16x16(r);
-    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                    (const __m256i *)(bias + n0))), 16))
-                          : _mm512_setzero_ps();
+    const __m512 b = bias16(bias, n0);
     for (int64_t j = 0; j < rows; ++j)
         _mm256_storeu_si256((__m256i *)(y + j * ldy + n0),
                             bf16x16(bias ? _mm512_add_ps(r[j], b) : r[j]));
@@ -136,13 +140,7 @@ static inline void store_pair(const float *c0, const float *c1, int64_t rows, in
     }
     transpose16x16(r0);
     transpose16x16(r1);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0))), 16));
-        b1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0 + 16))), 16));
-    }
+    const __m512 b0 = bias16(bias, n0), b1 = bias16(bias, n0 + 16);
     for (int64_t j = 0; j < rows; ++j) {
         const __m256i lo = bf16x16(bias ? _mm512_add_ps(r0[j], b0) : r0[j]);
         const __m256i hi = bf16x16(bias ? _mm512_add_ps(r1[j], b1) : r1[j]);

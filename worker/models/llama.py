@@ -117,7 +117,7 @@ class LlamaModel(nn.Module):
             for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         # Fused CPU decode layers, built on first use (after the KV cache is bound) and keyed by
-        # the cache they point into; an empty list: this model cannot use them.
+        # the cache they point into; a None stack: this model cannot use them.
         self._fused: tuple[int, fused.LayerStack | None, int] | None = None
 
     def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> fused.LayerStack | None:
@@ -129,11 +129,10 @@ class LlamaModel(nn.Module):
         key = first.self_attn.attn.k_cache.data_ptr()
         if self._fused is None or self._fused[0] != key:
             specs = [self.layers[i].fused_spec() for i in range(self.start, self.end)]
-            usable = [s for s in specs if s is not None]
-            if not usable or len(usable) < len(specs):
+            if not specs or any(s is None for s in specs):
                 self._fused = (key, None, 0)
             else:
-                self._fused = (key, fused.LayerStack(usable), fused.max_rows(usable))
+                self._fused = (key, fused.LayerStack(specs), fused.max_rows(specs))
         _, stack, max_rows = self._fused
         return stack if stack is not None and x.shape[0] <= max_rows else None
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-model", default=None, help="draft folder (default: the shipped one)")
     ap.add_argument("--methods", default="none,ngram,draft")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batch-tokens", type=int, default=32)

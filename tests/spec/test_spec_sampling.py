@@ -63,7 +63,7 @@ def test_engine_sampled_tokens_follow_the_target(tmp_path):
     prompt = [3, 5, 1, 4]
     n = 1500
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=2, min_acceptance=0.0,
-                             max_batch_size=4096)
+                             max_batch_size=4096, max_step_tokens=1 << 16)
     eng = Engine(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_bytes=1 << 22,
                               block_size=4, max_num_seqs=512, speculative=spec))
     eng.spec.proposer = FixedQ(torch.tensor([0.6, 0.01, 0.01, 0.3, 0.02, 0.02, 0.02, 0.02]))

@@ -21,7 +21,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """
 
     method: Method = "ngram"
-    num_speculative_tokens: int = 4  # the most tokens proposed per sequence and step (k)
+    num_speculative_tokens: int = 8  # the most tokens proposed per sequence and step (k)
     draft_model: str | None = None  # draft/pool: HF folder (None: the shipped draft, if any)
     draft_replicas: int = 1  # pool: number of draft actors, shared by all replicas
     draft_dtype: str = "auto"
@@ -30,8 +30,12 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     draft_num_gpus: float = 0.0  # pool: GPU share per draft actor (0: the draft runs on CPU)
     pool_name: str | None = None  # pool: actor name prefix, set by whoever starts the pool
     ngram_max: int = 4  # n-gram: longest suffix matched
-    ngram_min: int = 2  # n-gram: shortest suffix matched
+    ngram_min: int = 1  # n-gram: shortest suffix matched (1-token suffixes need 2 sightings)
     max_batch_size: int = 8  # more running sequences than this: no speculation this step
+    # The most tokens a speculative step scores, proposals included: k per sequence is cut to
+    # this // (decoding sequences) - 1. None: resolved where the engine is built
+    # (worker/spec/factory.py) to the step size that still costs about one decode.
+    max_step_tokens: int | None = None
     # A sequence whose acceptance EMA falls below this stops proposing. None: 0 for n-gram lookup
     # where scoring extra positions is nearly free (bf16 on AMX, CUDA), so every match is
     # verified; else 0.3, where a verify costs up to two decodes (worker/spec/factory.py).
@@ -51,6 +55,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         need(1 <= self.ngram_min <= self.ngram_max,
              f"need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
         need(self.max_batch_size >= 1, f"max_batch_size must be >= 1 (got {self.max_batch_size})")
+        need(self.max_step_tokens is None or self.max_step_tokens >= 2,
+             f"max_step_tokens must be >= 2 (got {self.max_step_tokens})")
         need(self.min_acceptance is None or 0 <= self.min_acceptance < 1,
              "min_acceptance must be in [0, 1)")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")

@@ -13,7 +13,8 @@ k per sequence follows an EMA of its acceptance rate alpha: the j-th proposed to
 if the j before it were accepted (probability alpha^j, Leviathan et al. 2023, eq. 1), so k is
 the largest j with alpha^j >= min_acceptance. Below min_acceptance a sequence stops proposing
 and probes with k=1 every `probe_every` steps. Above `max_batch_size` running sequences the
-whole step runs without speculation.
+whole step runs without speculation; below it, k is also cut so that the step scores at most
+`max_step_tokens` tokens, the size up to which a step costs about one decode.
 """
 
 from __future__ import annotations
@@ -99,11 +100,14 @@ class SpecDecoder:
         if batch > self.config.max_batch_size:
             self.metrics.skipped_steps += 1
             return 0
-        for seq in scheduler.running:
-            if seq.num_computed_tokens + 1 == seq.num_tokens:
-                k = self._k_for(seq)
-                if k > 0:
-                    self._ks[seq.request_id] = k
+        decoding = [s for s in scheduler.running if s.num_computed_tokens + 1 == s.num_tokens]
+        # Each decoding sequence gets an equal share of the step's token budget (None: no cap).
+        budget = self.config.max_step_tokens
+        share = budget // max(1, len(decoding)) - 1 if budget else self.config.num_speculative_tokens
+        for seq in decoding:
+            k = min(self._k_for(seq), share)
+            if k > 0:
+                self._ks[seq.request_id] = k
         return max(self._ks.values(), default=0)
 
     def _k_for(self, seq: Sequence) -> int:

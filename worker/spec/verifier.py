@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels.argmax import argmax_rows
+
 
 def verify_greedy(target_logits: torch.Tensor, proposal: list[int]) -> list[int]:
     """Emitted tokens (accepted proposals + one target token) from processed logits [m+1, V]."""
-    best = target_logits.argmax(-1).tolist()
+    best = argmax_rows(target_logits).tolist()
     a = 0
     while a < len(proposal) and best[a] == proposal[a]:
         a += 1

@@ -234,6 +234,9 @@ class MeteredReplicaHandle(ReplicaHandle):
     async def stats(self) -> ReplicaStats:
         return await self.inner.stats()
 
+    async def close(self) -> None:
+        await self.inner.close()
+
     def __getattr__(self, name: str) -> Any:  # e.g. the Ray handle's `actor`
         return getattr(self.inner, name)
 

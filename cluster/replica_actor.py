@@ -20,6 +20,7 @@ import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.delta_stream import DeltaStreamServer
 from cluster.placement import (
     create_replica_group,
     remove_group,
@@ -92,6 +93,7 @@ class ReplicaActor:
                               block_size=config.block_size)
         self._requests = msgspec.msgpack.Decoder(list[Request])
         self._ids = msgspec.msgpack.Decoder(list[str])
+        self._stream = DeltaStreamServer(self.engine.poll)
         log.info("replica %s ready: %s, %d KV blocks", replica_id, model_name,
                  engine.kv.num_blocks)
         # GPU utilisation/memory/temperature/power as Ray metrics; None without GPU or NVML.
@@ -108,6 +110,16 @@ class ReplicaActor:
 
     async def poll(self, timeout_s: float) -> bytes:
         return encode(await self.engine.poll(timeout_s))
+
+    async def delta_stream(self) -> bytes:
+        """Where the router reads this replica's poll results from without a Ray call per
+        step (cluster/delta_stream.py): a StreamAddress on this node, with its secret."""
+        return encode(await self._stream.start(ray.util.get_node_ip_address()))
+
+    async def delta_stream_connected(self) -> bool:
+        """Whether the router reads poll results from the delta stream (False: it polls through
+        actor calls, or has not polled yet)."""
+        return self._stream.connected
 
     async def abort(self, request_ids: bytes) -> None:
         self.engine.abort(self._ids.decode(request_ids))
@@ -158,6 +170,7 @@ class ReplicaActor:
     async def shutdown(self) -> None:
         if self.telemetry is not None:
             self.telemetry.stop()
+        await self._stream.close()
         self.engine.shutdown()
         if self.runner is not None and not self.engine._thread.is_alive():
             # The step thread is gone, so this thread may use the plan channel: let the other

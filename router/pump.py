@@ -54,6 +54,8 @@ class ReplicaPump:
             if task is not asyncio.current_task():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        with contextlib.suppress(Exception):
+            await self.handle.close()
 
     @property
     def load(self) -> ReplicaLoad:

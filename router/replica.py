@@ -15,8 +15,9 @@ class ReplicaHandle(ABC):
 
     Contract:
     - Calls are batched: the router sends one `submit` per batch of new requests and one `poll`
-      per engine step for all of the replica's requests. An implementation over Ray makes exactly
-      one actor call per method call (msgspec-encoded bytes, never pickled client data).
+      per engine step for all of the replica's requests. An implementation over Ray makes at most
+      one actor call per method call (msgspec-encoded bytes, never pickled client data); the one
+      in cluster/ reads polls from a socket the replica pushes to (cluster/delta_stream.py).
     - `submit` and `abort` may be called while a `poll` is outstanding; implementations must
       allow that (a Ray async actor does).
     - Any exception from `submit` or `poll` means the replica is dead: the router stops using it
@@ -51,3 +52,6 @@ class ReplicaHandle(ABC):
     @abstractmethod
     async def stats(self) -> ReplicaStats:
         """Current counters; also cheap enough to serve as a health check."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """The router stopped using this replica: release connections (not the replica)."""

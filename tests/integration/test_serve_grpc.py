@@ -142,6 +142,9 @@ def test_two_replicas_both_take_work(deployment: Deployment) -> None:
     assert len(after) == 2
     for rid, stats in after.items():
         assert stats.prompt_tokens_total > before[rid].prompt_tokens_total, rid
+    # Their poll results came over the delta streams, not one actor call per step.
+    actors = ray.get(deployment.router.replica_actors.remote())
+    assert all(ray.get([a.delta_stream_connected.remote() for a in actors.values()]))
 
 
 def test_shared_prefix_prompts_land_on_one_replica(deployment: Deployment) -> None:

@@ -63,6 +63,10 @@ class LLM:
         if (self.model_dir / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
         world = tensor_parallel_size * pipeline_parallel_size
+        if world > 1 and speculative == "pool":
+            # The replica's rank 0 finds a pool by name, which only `tandem serve` sets up.
+            raise ValueError("speculative='pool' with tensor/pipeline parallelism runs under "
+                             "`tandem serve`; in LLM use 'ngram' or 'draft' with it")
         if world > 1:
             self.engine: Any = _parallel_engine(self.config, self.model_dir, tensor_parallel_size,
                                                 pipeline_parallel_size, pipeline_layers)

@@ -56,11 +56,11 @@ def run(llm: LLM) -> tuple[list[list[int]], list[list[int]], object]:
 
 
 def make_llm(model_dir: Path, tp: int = 1, pp: int = 1,
-             pp_layers: list[int] | None = None) -> LLM:
+             pp_layers: list[int] | None = None, speculative: str | None = None) -> LLM:
     layers = pp_layers or [ModelConfig.from_hf_dir(model_dir).num_layers // pp] * pp
     return LLM(str(model_dir), dtype="float32", block_size=BLOCK, num_threads=1,
                kv_cache_bytes=kv_bytes(model_dir, tp, layers), tensor_parallel_size=tp,
-               pipeline_parallel_size=pp, pipeline_layers=pp_layers)
+               pipeline_parallel_size=pp, pipeline_layers=pp_layers, speculative=speculative)
 
 
 # KV heads matter only for TP: 4 KV heads are split over 2 ranks; 1 KV head is replicated.
@@ -83,6 +83,18 @@ def reference(tiny_model_dir) -> dict[str, tuple]:
         stats = out[kind][2]
         assert stats.num_preempted_total > 0 and stats.prefix_hits_total > 0, stats
     return out
+
+
+def test_ngram_speculation_under_tensor_parallelism_is_exact(tiny_model_dir, reference) -> None:
+    # Rank 0 builds the whole StepPlan, proposals included; rank 1 runs the same forward.
+    llm = make_llm(tiny_model_dir("llama-kv4"), tp=2, speculative="ngram")
+    try:
+        first, later, stats = run(llm)
+    finally:
+        llm.shutdown()
+    want_first, want_later, _ = reference["llama-kv4"]
+    assert first == want_first and later == want_later
+    assert stats.spec_verifications_total > 0 and stats.spec_accepted_tokens_total > 0
 
 
 @pytest.mark.parametrize(("kind", "tp", "pp", "pp_layers"), LAYOUTS,

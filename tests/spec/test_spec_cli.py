@@ -47,3 +47,11 @@ def test_llm_with_ngram_matches_plain(tiny_model_dir):
     assert [o.token_ids for o in llm.generate(prompts, params)] == plain
     with pytest.raises(ConfigError, match="--draft-model"):
         LLM(model, speculative="draft", **kw)
+
+
+def test_llm_refuses_a_draft_pool_with_parallelism(tiny_model_dir):
+    from cluster.llm import LLM
+
+    with pytest.raises(ValueError, match="tandem serve"):
+        LLM(str(tiny_model_dir("llama-gqa")), tensor_parallel_size=2, speculative="pool",
+            draft_model=str(tiny_model_dir("llama-gqa")))

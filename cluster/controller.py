@@ -219,7 +219,8 @@ class Controller:
 
     def _handle(self, replica: StartedReplica) -> ReplicaHandle:
         handle = RayReplicaHandle(replica.replica_id, replica.actor,
-                                  poll_timeout_s=self.settings.poll_timeout_s)
+                                  poll_timeout_s=self.settings.poll_timeout_s,
+                                  delta_stream=self.settings.delta_stream)
         return handle if self._wrap_handle is None else self._wrap_handle(handle)
 
     @staticmethod

@@ -14,6 +14,9 @@ in a loop and writes each result as it comes, an empty one at least every poll t
 silent stream means a stuck or unreachable replica. One stream per replica: a new connection
 (a restarted router) replaces the old one, which is closed.
 
+The stream is plain TCP: where the cluster's traffic must be encrypted (Ray TLS), set
+`replica.delta_stream: false` and polls go through actor calls again.
+
 Frame: 4-byte little-endian length, then msgpack PollResult bytes. Hello (client -> server):
 the 32-byte secret, then the poll timeout as a little-endian float64.
 """

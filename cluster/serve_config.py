@@ -77,6 +77,10 @@ class ReplicaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # A long-poll returns after this even without a step. Any step returns it sooner and a dead
     # actor fails it at once; a short timeout only re-polls through every long prefill step.
     poll_timeout_s: float = 0.5
+    # Poll results over the replica's delta stream (plain TCP guarded by a secret; see
+    # cluster/delta_stream.py) instead of one actor call per step. Off where the cluster's
+    # traffic must be encrypted (Ray TLS): actor calls go through Ray's own channels.
+    delta_stream: bool = True
     restart_backoff_s: float = 2.0  # first wait before retrying a failed replacement
     # Custom Ray resources every bundle also reserves, e.g. {"tandem_replica": 1} declared only
     # on worker nodes keeps replicas off the head (deploy/README.md).

@@ -59,3 +59,17 @@ def test_bad_fields_fail_with_their_path(tmp_path: Path, text: str, message: str
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         build_serve_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_delta_stream_setting_reaches_the_replica_handles(tmp_path: Path, stream: bool) -> None:
+    from types import SimpleNamespace
+
+    from cluster.controller import Controller
+
+    file = tmp_path / "c.yaml"
+    file.write_text(f"replica:\n  delta_stream: {str(stream).lower()}\n  poll_timeout_s: 0.2\n")
+    config = build_serve_config(file)
+    controller = Controller(EngineConfig(model="m"), "m", 1, config.replica)
+    handle = controller._handle(SimpleNamespace(replica_id="r0", actor=None))
+    assert handle._use_stream is stream and handle.poll_timeout_s == 0.2

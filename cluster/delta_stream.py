@@ -1,24 +1,28 @@
-"""Delta stream: a replica pushes its PollResults to the router over one TCP connection.
+"""Delta stream: a replica answers the router's long-polls over one TCP connection.
 
 Why not one Ray call per poll: the router long-polls each replica once per engine step, and at
 low concurrency a step is one token. Measured on the 2-vCPU dev VM at one stream, each such Ray
 actor call cost the router ~2.3 ms of CPU (task submission, reply, callbacks; ~15 context
 switches) and the replica a share of the two cores its model runs on: served decode steps ran at
 29.7 ms against 24.8 ms offline, the difference all inside the model's C kernels, i.e. cores
-taken away. A length-prefixed msgpack frame on a socket costs a write and a read.
+taken away. A poll byte and a length-prefixed msgpack answer on a socket cost a write and a
+read on each side.
 
 Ray stays the control plane: the router learns the stream's address and secret from a Ray call
 (`ReplicaActor.delta_stream`), so only a holder of the actor handle can connect; submit, abort,
-stats and health remain Ray calls. The replica side runs the same long-poll (AsyncEngine.poll)
-in a loop and writes each result as it comes, an empty one at least every poll timeout, so a
-silent stream means a stuck or unreachable replica. One stream per replica: a new connection
-(a restarted router) replaces the old one, which is closed.
+stats and health remain Ray calls. Each poll is one request byte from the router, answered by
+the same long-poll as before (AsyncEngine.poll): the answer comes as soon as a step ends, or
+empty after the poll timeout, so a silent stream means a stuck or unreachable replica. The
+router asks again as soon as it has an answer, so a poll is waiting whenever a step ends, as
+with actor calls; an idle router asks nothing and nothing piles up. One stream per replica: a
+new connection (a restarted router) replaces the old one, which is closed.
 
 The stream is plain TCP: where the cluster's traffic must be encrypted (Ray TLS), set
 `replica.delta_stream: false` and polls go through actor calls again.
 
-Frame: 4-byte little-endian length, then msgpack PollResult bytes. Hello (client -> server):
-the 32-byte secret, then the poll timeout as a little-endian float64.
+Hello (client -> server): the 32-byte secret, then the poll timeout as a little-endian
+float64. Poll (client -> server): one byte. Answer: 4-byte little-endian length, then msgpack
+PollResult bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 SECRET_BYTES = 32
 _HELLO = struct.Struct("<d")
 _LENGTH = struct.Struct("<I")
+_POLL = b"p"
 HELLO_TIMEOUT_S = 10.0
 
 
@@ -102,10 +107,11 @@ class DeltaStreamServer:
             previous.cancel()
         try:
             while True:
+                await reader.readexactly(1)
                 data = encode(await self._poll(timeout_s))
                 writer.write(_LENGTH.pack(len(data)) + data)
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             if self._current is asyncio.current_task():
@@ -114,7 +120,7 @@ class DeltaStreamServer:
 
 
 class DeltaStreamClient:
-    """The router's end: one frame per `next()`."""
+    """The router's end: one long-poll per `next()`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  stall_s: float) -> None:
@@ -126,7 +132,7 @@ class DeltaStreamClient:
     @classmethod
     async def connect(cls, address: StreamAddress, poll_timeout_s: float,
                       stall_s: float) -> DeltaStreamClient:
-        """`stall_s`: no frame for this long (the replica sends one at least every
+        """`stall_s`: no answer to a poll for this long (the replica answers within
         poll_timeout_s) counts as a lost replica."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(address.host, address.port), HELLO_TIMEOUT_S)
@@ -135,13 +141,15 @@ class DeltaStreamClient:
         return cls(reader, writer, stall_s)
 
     async def next(self) -> PollResult:
+        """One long-poll: the replica's next PollResult (empty after its poll timeout)."""
         try:
+            self._writer.write(_POLL)
             header = await asyncio.wait_for(self._reader.readexactly(_LENGTH.size),
                                             self._stall_s)
             (size,) = _LENGTH.unpack(header)
             return self._decoder.decode(await self._reader.readexactly(size))
         except asyncio.TimeoutError:
-            raise StreamClosed(f"no delta frame for {self._stall_s:g} s") from None
+            raise StreamClosed(f"no answer to a poll for {self._stall_s:g} s") from None
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             raise StreamClosed(f"{type(exc).__name__}: {exc}") from exc
 

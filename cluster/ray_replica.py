@@ -1,9 +1,9 @@
 """RayReplicaHandle: the router's ReplicaHandle over a ReplicaActor.
 
 One actor call per submit batch, abort batch or stats call, msgspec bytes both ways, and awaited
-ObjectRefs: nothing here blocks the router's event loop. Poll results come over the replica's
-delta stream (cluster/delta_stream.py), one frame per engine step, instead of one actor call
-per step; where the stream cannot be reached, polls fall back to actor calls.
+ObjectRefs: nothing here blocks the router's event loop. Polls go over the replica's delta
+stream (cluster/delta_stream.py), one socket round trip per engine step instead of one actor
+call; where the stream cannot be reached, polls fall back to actor calls.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from router.replica import ReplicaHandle
 
 log = logging.getLogger(__name__)
 
-# No frame for this many poll timeouts (at least 30 s) means the replica is lost; it sends one
-# at least every poll timeout, steps or not.
+# No answer to a poll for this many poll timeouts (at least 30 s) means the replica is lost; it
+# answers within one poll timeout, steps or not.
 STALL_POLLS = 20
 
 

@@ -63,6 +63,12 @@ def test_frames_arrive_in_order_and_whole():
         assert (await client.next()).stats.replica_id == "r0"  # an empty frame per timeout
         assert engine.timeouts and set(engine.timeouts) == {0.05}  # the client's poll timeout
         assert server.connected
+        # A router that stops asking (no request in flight) gets nothing queued up meanwhile.
+        polls = len(engine.timeouts)
+        await asyncio.sleep(0.3)
+        assert len(engine.timeouts) == polls
+        engine.queue.put_nowait([delta("d", 9)])
+        assert (await client.next()).deltas == [delta("d", 9)]  # the next answer is fresh
         client.close()
         await server.close()
 
@@ -126,7 +132,7 @@ def test_a_closed_or_silent_replica_ends_the_stream():
         silent = DeltaStreamServer(never)
         quiet = await DeltaStreamClient.connect(await silent.start("127.0.0.1"), 0.05,
                                                 stall_s=0.3)
-        with pytest.raises(StreamClosed, match="no delta frame"):
+        with pytest.raises(StreamClosed, match="no answer to a poll"):
             await quiet.next()
         await silent.close()
 

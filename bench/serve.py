@@ -193,7 +193,12 @@ def serve_mode(args: argparse.Namespace) -> dict[str, Any]:
         print(f"deployment up in {time.perf_counter() - t0:.1f} s on port "
               f"{deployment.info.port}", file=sys.stderr)
         try:
-            for _ in range(args.rounds):
+            for round_no in range(args.rounds):
+                # Fresh prompts each round: the replica's prefix cache outlives a round (the
+                # offline engine does not), and cached prompts would skip their prefill.
+                if round_no:
+                    prompts = make_prompts(args.num_requests, args.prompt_tokens, vocab,
+                                           args.seed + round_no)
                 if not args.skip_offline and args.rounds > 1:
                     offline += offline_runs(model_dir, prompts, args)
                 served += asyncio.run(drive(f"127.0.0.1:{deployment.info.port}", prompts, args,

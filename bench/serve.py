@@ -3,6 +3,8 @@
     python -m bench.serve                          # tiny run (~2 min) on the default model
     python -m bench.serve --num-requests 200 --concurrency 1,8,32 --rates 1,4 --out r.json
     python -m bench.serve --mode router            # router overhead over a FakeReplica
+    python -m bench.serve --concurrency 64 --num-requests 256 --rates "" --rounds 3
+                                                   # served vs offline, alternating, median
 
 Modes:
 - serve: starts a local Ray deployment (router actor + replicas), drives it with fixed

@@ -2,7 +2,7 @@
 of many runs), achieved GB/s against the bytes each op must move at minimum, and TFLOP/s against
 the FLOPs it must do, beside the torch reference (and SDPA / a dense F.linear where comparable).
 
-    python bench/kernels.py --out bench_kernels.json
+    python -m bench.gpu_kernels --out bench_kernels.json
 
 Without a GPU it says so and exits 0. Sizes are Llama-3-8B-like (32 query heads, 8 KV heads,
 head dim 128, hidden 4096) in fp16 and fit one H100/H200.
@@ -13,15 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
-# Run as `python bench/kernels.py`, Python puts bench/ first on sys.path, where this very file
-# would shadow the `kernels` package: drop that entry before importing it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_kernels.json", help="JSON results path")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (Triton kernels); nothing to measure here.")
+        print("bench/gpu_kernels.py needs a CUDA GPU (Triton kernels); nothing to measure here.")
         return 0
     dev = torch.device("cuda")
     torch.manual_seed(0)

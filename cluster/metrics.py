@@ -234,6 +234,9 @@ class MeteredReplicaHandle(ReplicaHandle):
     async def stats(self) -> ReplicaStats:
         return await self.inner.stats()
 
+    async def connect(self) -> None:
+        await self.inner.connect()
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -46,6 +46,11 @@ class RayReplicaHandle(ReplicaHandle):
     async def submit(self, requests: list[Request]) -> None:
         await self._call(self.actor.submit.remote(encode(requests)), "submit")
 
+    async def connect(self) -> None:
+        """Opens the delta stream before the first request needs it."""
+        if self._use_stream and self._stream is None:
+            self._stream = await self._open_stream()
+
     async def poll(self) -> PollResult:
         if self._use_stream and self._stream is None:
             self._stream = await self._open_stream()

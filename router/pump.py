@@ -123,6 +123,11 @@ class ReplicaPump:
                     return
 
     async def _poll_loop(self) -> None:
+        try:
+            await self.handle.connect()
+        except Exception as exc:
+            self._fail(exc)
+            return
         while True:
             if not self._tokens:
                 # Nothing in flight: sleep until a request arrives rather than poll an idle

@@ -53,5 +53,9 @@ class ReplicaHandle(ABC):
     async def stats(self) -> ReplicaStats:
         """Current counters; also cheap enough to serve as a health check."""
 
+    async def connect(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the router starts using the replica, before the first poll: set up
+        whatever polls need, off the first request's path. Raising means the replica is dead."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """The router stopped using this replica: release connections (not the replica)."""

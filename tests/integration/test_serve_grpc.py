@@ -121,6 +121,12 @@ def wait_for(check, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def test_delta_streams_connect_before_the_first_request(deployment: Deployment) -> None:
+    actors = ray.get(deployment.router.replica_actors.remote())
+    wait_for(lambda: all(ray.get([a.delta_stream_connected.remote() for a in actors.values()])),
+             10, "the router to connect to every replica's delta stream")
+
+
 def test_streamed_output_equals_offline_greedy(deployment: Deployment, offline: Engine,
                                                model_dir: Path) -> None:
     tok = Tokenizer.from_dir(model_dir)

@@ -181,9 +181,16 @@ def test_the_handle_reads_the_stream_and_falls_back_to_actor_calls():
         server = DeltaStreamServer(engine.poll)
         actor = FakeActor(await server.start("127.0.0.1"), engine)
         handle = RayReplicaHandle("r0", actor, poll_timeout_s=0.05)
+        await handle.connect()  # before any request: the stream is open, nothing was polled
+        assert engine.timeouts == [] and actor.delta_stream.calls == 1
+        for _ in range(100):
+            if server.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert server.connected
         engine.queue.put_nowait([delta("s", 1)])
         assert (await handle.poll()).deltas == [delta("s", 1)]
-        assert actor.poll.calls == 0 and server.connected
+        assert actor.poll.calls == 0 and actor.delta_stream.calls == 1
         await handle.close()
         await server.close()
 

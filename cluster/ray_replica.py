@@ -52,8 +52,7 @@ class RayReplicaHandle(ReplicaHandle):
             self._stream = await self._open_stream()
 
     async def poll(self) -> PollResult:
-        if self._use_stream and self._stream is None:
-            self._stream = await self._open_stream()
+        await self.connect()
         if self._stream is not None:
             try:
                 result = await self._stream.next()

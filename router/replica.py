@@ -17,7 +17,7 @@ class ReplicaHandle(ABC):
     - Calls are batched: the router sends one `submit` per batch of new requests and one `poll`
       per engine step for all of the replica's requests. An implementation over Ray makes at most
       one actor call per method call (msgspec-encoded bytes, never pickled client data); the one
-      in cluster/ reads polls from a socket the replica pushes to (cluster/delta_stream.py).
+      in cluster/ long-polls over a socket to the replica instead (cluster/delta_stream.py).
     - `submit` and `abort` may be called while a `poll` is outstanding; implementations must
       allow that (a Ray async actor does).
     - Any exception from `submit` or `poll` means the replica is dead: the router stops using it

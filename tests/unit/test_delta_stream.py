@@ -41,6 +41,11 @@ def delta(rid: str, *tokens: int) -> OutputDelta:
     return OutputDelta(request_id=rid, token_ids=list(tokens))
 
 
+async def listening(engine: FakeEngine) -> tuple[DeltaStreamServer, StreamAddress]:
+    server = DeltaStreamServer(engine.poll)
+    return server, await server.start("127.0.0.1")
+
+
 async def _next_with_deltas(client: DeltaStreamClient) -> PollResult:
     while not (result := await client.next()).deltas:
         pass
@@ -50,8 +55,7 @@ async def _next_with_deltas(client: DeltaStreamClient) -> PollResult:
 def test_frames_arrive_in_order_and_whole():
     async def main() -> None:
         engine = FakeEngine()
-        server = DeltaStreamServer(engine.poll)
-        address = await server.start("127.0.0.1")
+        server, address = await listening(engine)
         assert not server.connected
         client = await DeltaStreamClient.connect(address, 0.05, stall_s=5.0)
         # Big frames too: a step of many sequences with long token lists.
@@ -78,8 +82,7 @@ def test_frames_arrive_in_order_and_whole():
 def test_a_wrong_secret_gets_nothing():
     async def main() -> None:
         engine = FakeEngine()
-        server = DeltaStreamServer(engine.poll)
-        address = await server.start("127.0.0.1")
+        server, address = await listening(engine)
         wrong = msgspec.structs.replace(address, secret=bytes(len(address.secret)))
         client = await DeltaStreamClient.connect(wrong, 0.05, stall_s=5.0)
         engine.queue.put_nowait([delta("secret", 1)])
@@ -95,8 +98,7 @@ def test_a_wrong_secret_gets_nothing():
 def test_a_new_connection_replaces_the_old_one():
     async def main() -> None:
         engine = FakeEngine()
-        server = DeltaStreamServer(engine.poll)
-        address = await server.start("127.0.0.1")
+        server, address = await listening(engine)
         assert await server.start("127.0.0.1") == address  # one listener per replica
         old = await DeltaStreamClient.connect(address, 0.05, stall_s=5.0)
         await old.next()
@@ -116,8 +118,7 @@ def test_a_new_connection_replaces_the_old_one():
 def test_a_closed_or_silent_replica_ends_the_stream():
     async def main() -> None:
         engine = FakeEngine()
-        server = DeltaStreamServer(engine.poll)
-        address = await server.start("127.0.0.1")
+        server, address = await listening(engine)
         client = await DeltaStreamClient.connect(address, 0.05, stall_s=5.0)
         await client.next()
         await server.close()  # the replica shuts down
@@ -141,8 +142,7 @@ def test_a_closed_or_silent_replica_ends_the_stream():
 
 def test_nobody_listening_fails_the_connect():
     async def main() -> None:
-        server = DeltaStreamServer(FakeEngine().poll)
-        address = await server.start("127.0.0.1")
+        server, address = await listening(FakeEngine())
         await server.close()
         with pytest.raises(OSError):
             await DeltaStreamClient.connect(StreamAddress("127.0.0.1", address.port,
@@ -178,8 +178,8 @@ class FakeActor:
 def test_the_handle_reads_the_stream_and_falls_back_to_actor_calls():
     async def main() -> None:
         engine = FakeEngine()
-        server = DeltaStreamServer(engine.poll)
-        actor = FakeActor(await server.start("127.0.0.1"), engine)
+        server, address = await listening(engine)
+        actor = FakeActor(address, engine)
         handle = RayReplicaHandle("r0", actor, poll_timeout_s=0.05)
         await handle.connect()  # before any request: the stream is open, nothing was polled
         assert engine.timeouts == [] and actor.delta_stream.calls == 1

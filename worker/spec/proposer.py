@@ -106,7 +106,7 @@ class NgramProposer(Proposer):
 
 # How often a token predicted from an n-token suffix was accepted, measured on greedy
 # SmolLM2-135M outputs (chat, code, summaries, Austen continuations; k = 8).
-_ACCEPTANCE_BY_SUFFIX = (0.0, 0.25, 0.45, 0.5, 0.85)
+_ACCEPTANCE_BY_SUFFIX = (0.0, 0.25, 0.45, 0.5, 0.85)  # index: suffix length (0 unused)
 # A proposed token whose estimated chance of being reached and accepted falls below this costs
 # more scoring than it is expected to return (offline: thresholds 0.05-0.2 alike; 0 and 0.3 worse).
 _MIN_CHANCE = 0.1
@@ -142,6 +142,8 @@ class _NgramModel:
         chance = 1.0
         while len(out) < k:
             nxt, n = self._predict(ctx)
+            if n == 0:
+                break
             chance *= _ACCEPTANCE_BY_SUFFIX[min(n, len(_ACCEPTANCE_BY_SUFFIX) - 1)]
             if chance < _MIN_CHANCE:
                 break

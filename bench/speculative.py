@@ -21,11 +21,16 @@ from protos.messages import SamplingParams
 
 AUSTEN = Path(__file__).parents[1].parent / "shared" / "data" / "austen.txt"
 
-# name -> (prompt, chat?): a copy-heavy prompt, an open chat question, and a novel to continue.
+# name -> (prompt, chat?): a copy-heavy prompt, open chat questions, and a novel to continue.
 PROMPTS: dict[str, tuple[str, bool]] = {
     "repetitive": ("Repeat this list three times, one item per line:\napples, pears, plums, "
                    "cherries, grapes, lemons, oranges, melons, peaches, figs", True),
     "chat": ("Explain in a few sentences why the sky is blue.", True),
+    # More open questions: how much a proposer helps chat varies a lot between prompts.
+    "chat-france": ("What is the capital of France and why is it famous?", True),
+    "chat-poem": ("Write a short poem about autumn leaves.", True),
+    "chat-tea": ("How do I make a cup of tea?", True),
+    "chat-engine": ("Explain how a car engine works.", True),
     "austen": ("", False),  # filled from austen.txt
 }
 
@@ -54,8 +59,9 @@ def spec_counts(llm: LLM) -> tuple[int, int, int, int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft-model", default=None, help="draft folder (default: the shipped one)")
-    ap.add_argument("--methods", default="none,ngram,draft")
+    ap.add_argument("--draft-model", default=None,
+                    help="eagle head or draft model folder (default: the shipped head)")
+    ap.add_argument("--methods", default="none,ngram,eagle")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
@@ -69,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     PROMPTS["austen"] = (austen_prompt(), False)
+    # Chat answers stop at their end of turn: past it the model loops, which any proposer
+    # predicts, and ignore_eos would count that as speed-up. The novel has no end to stop at.
+    chat_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     batch_params = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens, ignore_eos=True)
     batch_prompts = [f"Write a short note number {i} about {w}." for i, w in
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if method == "none" else method
         llms[method] = LLM(None, num_threads=args.threads, dtype=args.dtype, speculative=spec,
                            kv_cache_bytes=256 << 20,
-                           draft_model=args.draft_model if spec in ("draft", "pool") else None,
+                           draft_model=args.draft_model
+                           if spec in ("eagle", "draft", "pool") else None,
                            num_speculative_tokens=args.k if spec else None)
         run_one(llms[method], "Hello", True, SamplingParams(max_tokens=4, temperature=0.0))
 
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         before = {m: spec_counts(llms[m]) for m in methods}
         for _ in range(args.repeats):
             for m in methods:
-                tokens[m], dt = run_one(llms[m], prompt, chat, params)
+                tokens[m], dt = run_one(llms[m], prompt, chat,
+                                        chat_params if chat else params)
                 times[m].append(dt)
         for m in methods:
             d = [a - b for a, b in zip(spec_counts(llms[m]), before[m])]
@@ -138,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['method']} | {r['prompt']} | {r['batch']} | {r['tokens']} | "
               f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical']} | {acc} | "
               f"{mal} |")
+    chats = {r["prompt"] for r in rows if r["prompt"].startswith("chat") and r["batch"] == 1}
+    if chats:
+        print(f"\ngeometric mean speed-up over the {len(chats)} chat prompts:")
+        for m in methods:
+            ups = [r["speedup"] for r in rows if r["method"] == m and r["prompt"] in chats]
+            print(f"  {m}: {statistics.geometric_mean(ups):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -51,14 +51,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--pp-layers", type=_int_list, default=None,
                      help="decoder layers per stage, e.g. 3,5 (default: even split)")
     sp = p.add_argument_group("speculative decoding (worker/spec/)")
-    sp.add_argument("--speculative", default=None, choices=["ngram", "draft", "pool"],
-                    help="ngram: prompt lookup; draft: a draft model in the engine; pool: "
+    sp.add_argument("--speculative", default=None,
+                    choices=["ngram", "eagle", "draft", "pool"],
+                    help="ngram: prompt lookup; eagle: a one-layer head drafting from the "
+                         "target's hidden states; draft: a draft model in the engine; pool: "
                          "draft-model Ray actors shared by all replicas (default: off)")
     sp.add_argument("--draft-model", default=None,
-                    help="draft model folder for draft/pool (a small model sharing the target's "
-                         "tokenizer; bench/train_draft.py makes one)")
+                    help="eagle: head folder (default: the one shipped for the default model; "
+                         "bench/train_eagle.py trains one); draft/pool: draft model folder (a "
+                         "small model sharing the target's tokenizer; bench/train_draft.py)")
     sp.add_argument("--num-speculative-tokens", type=int, default=None,
-                    help="most tokens proposed per step (default 4; adapts to acceptance)")
+                    help="most tokens proposed per step (default 8; adapts to acceptance)")
     sp.add_argument("--draft-replicas", type=int, default=None,
                     help="pool: number of draft actors (default 1)")
 

@@ -47,7 +47,8 @@ class LLM:
         num_speculative_tokens: int | None = None,
         draft_replicas: int | None = None,
     ) -> None:
-        """`speculative`: "ngram", "draft" (in-process draft model) or "pool" (draft-model Ray
+        """`speculative`: "ngram", "eagle" (a head drafting from the target's hidden states),
+        "draft" (in-process draft model) or "pool" (draft-model Ray
         actors; a local Ray is started unless one is connected); see worker/spec/."""
         self.model_dir = resolve_model(model, Path(cache_dir) if cache_dir else None)
         self.config = EngineConfig(
@@ -67,6 +68,10 @@ class LLM:
             # The replica's rank 0 finds a pool by name, which only `tandem serve` sets up.
             raise ValueError("speculative='pool' with tensor/pipeline parallelism runs under "
                              "`tandem serve`; in LLM use 'ngram' or 'draft' with it")
+        if world > 1 and speculative == "eagle":
+            raise ValueError("speculative='eagle' reads the target's hidden states in one "
+                             "process: it needs tensor_parallel_size=1 and "
+                             "pipeline_parallel_size=1; use 'ngram' with parallelism")
         if world > 1:
             self.engine: Any = _parallel_engine(self.config, self.model_dir, tensor_parallel_size,
                                                 pipeline_parallel_size, pipeline_layers)

@@ -129,6 +129,13 @@ class ServeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1 (got {self.replicas})")
+        spec = self.engine.speculative
+        r = self.replica
+        if spec is not None and spec.method == "eagle" \
+                and r.tensor_parallel_size * r.pipeline_parallel_size > 1:
+            raise ValueError("engine.speculative.method 'eagle' reads the target's hidden "
+                             "states in one process: it needs tensor_parallel_size=1 and "
+                             "pipeline_parallel_size=1 (use 'ngram' with parallelism)")
         check_ops_fields(self)
 
     def __repr__(self) -> str:  # RouterConfig's repr hides the API keys

@@ -24,7 +24,8 @@ def speculative_config(method: str | None, *, draft_model: str | None = None,
     `--draft-replicas` flags; None when speculation is off."""
     if method is None:
         if draft_model is not None or draft_replicas is not None:
-            raise ValueError("--draft-model/--draft-replicas need --speculative draft or pool")
+            raise ValueError("--draft-model/--draft-replicas need --speculative eagle, draft or "
+                             "pool")
         return None
     fields: dict[str, Any] = {"method": method}
     if draft_model is not None:

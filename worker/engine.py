@@ -151,6 +151,8 @@ class Engine:
         tm = time.perf_counter()
         logits = self.runner.execute(plan)
         model_time = time.perf_counter() - tm
+        if self.spec is not None and self.spec.proposer.wants_features:
+            self.spec.proposer.observe(sched.seqs, plan, self.runner.last_hidden)
         sampling = [seq for seq, n in zip(sched.seqs, sched.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]
         tokens: list[list[int]] = []

@@ -67,6 +67,9 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
+        # An EAGLE proposer reads each step's final hidden states (worker/spec/eagle_proposer.py).
+        self.keep_hidden = False
+        self.last_hidden: torch.Tensor | None = None
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
 
@@ -218,6 +221,8 @@ class ModelRunner:
         input_ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)
         hidden = self.model(input_ids, positions, self._metadata(plan))
+        if self.keep_hidden:
+            self.last_hidden = hidden
         if not plan.sample_indices:
             return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
         idx = torch.tensor(plan.sample_indices, dtype=torch.int64, device=dev)

@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-Method = Literal["ngram", "draft", "pool"]
+Method = Literal["ngram", "eagle", "draft", "pool"]
 
 
 GATED_MIN_ACCEPTANCE = 0.3  # min_acceptance where verifying costs more than a decode
@@ -22,7 +22,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     method: Method = "ngram"
     num_speculative_tokens: int = 8  # the most tokens proposed per sequence and step (k)
-    draft_model: str | None = None  # draft/pool: HF folder (None: the shipped draft, if any)
+    # draft/pool: HF folder; eagle: a head folder from bench/train_eagle.py (None: the head
+    # shipped for the default model)
+    draft_model: str | None = None
     draft_replicas: int = 1  # pool: number of draft actors, shared by all replicas
     draft_dtype: str = "auto"
     draft_kv_cache_bytes: int = 64 << 20  # each draft's own paged KV cache
@@ -31,6 +33,11 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     pool_name: str | None = None  # pool: actor name prefix, set by whoever starts the pool
     ngram_max: int = 4  # n-gram: longest suffix matched
     ngram_min: int = 1  # n-gram: shortest suffix matched (1-token suffixes need 2 sightings)
+    # eagle: a rollout stops when the product of the head's top probabilities drops below this
+    eagle_min_confidence: float = 0.3
+    # eagle: the n-gram lookup's proposal wins where it runs to at least this many tokens
+    # (copying and loops); 0: the head alone
+    eagle_ngram_min_tokens: int = 2
     max_batch_size: int = 8  # more running sequences than this: no speculation this step
     # The most tokens a speculative step scores, proposals included: k per sequence is cut to
     # this // (decoding sequences) - 1. None: resolved where the engine is built
@@ -59,6 +66,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
              f"max_step_tokens must be >= 2 (got {self.max_step_tokens})")
         need(self.min_acceptance is None or 0 <= self.min_acceptance < 1,
              "min_acceptance must be in [0, 1)")
+        need(0 <= self.eagle_min_confidence < 1, "eagle_min_confidence must be in [0, 1)")
+        need(self.eagle_ngram_min_tokens >= 0,
+             f"eagle_ngram_min_tokens must be >= 0 (got {self.eagle_ngram_min_tokens})")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         need(self.draft_kv_cache_bytes > 0, "draft_kv_cache_bytes must be > 0")
         need(self.draft_timeout_s > 0, "draft_timeout_s must be > 0")

@@ -26,11 +26,48 @@ def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Pa
     return Path(config.draft_model)
 
 
+def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
+    from worker.parallel_runner import ParallelRunner
+    from worker.spec.eagle_fused import FusedEagleLayer
+    from worker.spec.eagle_head import load_eagle_head, shipped_head
+    from worker.spec.eagle_proposer import EagleProposer
+
+    runner = engine.runner
+    if isinstance(runner, ParallelRunner):
+        raise ConfigError("speculative method 'eagle' reads the target's hidden states in this "
+                          "process: it needs tensor_parallel_size=1 and "
+                          "pipeline_parallel_size=1 (use 'ngram' with parallelism)")
+    folder = Path(config.draft_model) if config.draft_model else shipped_head(engine.config.model)
+    if folder is None:
+        raise ConfigError(f"speculative method 'eagle' has no head shipped for "
+                          f"{Path(engine.config.model).name}: give --draft-model DIR "
+                          "(bench/train_eagle.py trains one)")
+    model = runner.model
+    embed = model.model.embed_tokens.weight
+    lm_head = getattr(model.lm_head, "weight", None)
+    if lm_head is None or not lm_head.is_floating_point():  # an LM head run from int blocks
+        if not model.config.tie_word_embeddings:
+            raise ConfigError("speculative method 'eagle' needs the LM head in floats: this "
+                              "model's runs from quantized blocks (--quantization gguf); use "
+                              "another --quantization or none")
+        lm_head = embed
+    head = load_eagle_head(folder, embed, lm_head, runner.dtype)
+    ngram = NgramProposer(config.ngram_min, config.ngram_max) \
+        if config.eagle_ngram_min_tokens else None
+    fused = FusedEagleLayer(head, config.draft_kv_cache_bytes, engine.max_model_len) \
+        if FusedEagleLayer.supported(head) else None
+    return EagleProposer(head, min_confidence=config.eagle_min_confidence,
+                         max_batch_size=config.max_batch_size, ngram=ngram,
+                         ngram_min_tokens=config.eagle_ngram_min_tokens, fused=fused)
+
+
 def build_proposer(config: SpeculativeConfig, engine: Any,
                    draft_actors: list[Any] | None = None) -> Proposer:
     """`engine`: the worker.engine.Engine being built (its config, model config and eos ids)."""
     if config.method == "ngram":
         return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.method == "eagle":
+        return build_eagle(config, engine)
     if config.method == "draft":
         from worker.spec.draft_proposer import DraftModelProposer
         from worker.spec.draft_worker import DraftWorker
@@ -57,7 +94,7 @@ def resolve_min_acceptance(config: SpeculativeConfig, device: torch.device,
     ungated, austen went from 1.55x to 1.73x and chat stayed at 1.0x."""
     if config.min_acceptance is not None:
         return config
-    cheap = config.method == "ngram" and multi_row_matmul_is_flat(device, dtype)
+    cheap = config.method in ("ngram", "eagle") and multi_row_matmul_is_flat(device, dtype)
     return msgspec.structs.replace(config,
                                    min_acceptance=0.0 if cheap else GATED_MIN_ACCEPTANCE)
 
@@ -82,5 +119,6 @@ def build_spec_decoder(config: SpeculativeConfig, engine: Any,
     config = resolve_min_acceptance(config, engine.runner.device, engine.runner.dtype)
     config = resolve_max_step_tokens(config, engine.runner.device, engine.runner.dtype)
     proposer = build_proposer(config, engine, draft_actors)
+    engine.runner.keep_hidden = proposer.wants_features
     return SpecDecoder(config, proposer, engine.eos_token_ids, engine.max_model_len,
                        engine.model_config.vocab_size)

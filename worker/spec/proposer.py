@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from protos.messages import StepPlan
 from worker.sequence import Sequence
 
 
@@ -40,10 +41,14 @@ class Proposer(ABC):
     - rollback(seq, num_tokens): only the first num_tokens tokens of seq are valid now; state
       beyond them (a draft's KV for rejected tokens) must be dropped before the next propose.
     - free(seq): the sequence finished or was aborted; forget it.
+    - observe(seqs, plan, hidden): only for proposers that set `wants_features`: after every
+      forward, the target's final hidden states of all the plan's rows (seqs are the plan's
+      sequences, in its order).
     A proposer must never raise for one sequence's sake: it returns no proposal instead.
     """
 
     name: str = "proposer"
+    wants_features: bool = False
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]: ...
@@ -55,6 +60,10 @@ class Proposer(ABC):
         pass
 
     def free(self, seq: Sequence) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def observe(self, seqs: list[Sequence], plan: StepPlan,  # noqa: B027 - optional hook
+                hidden: torch.Tensor) -> None:
         pass
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook

@@ -1,0 +1,276 @@
+"""EAGLE speculation: the head's cached path equals its training path, the proposer feeds it the
+target's true features at the right positions, and outputs stay exactly greedy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from protos.messages import Request
+from tests.engine_utils import greedy, run_to_completion, tokens_of
+from worker.config import ConfigError, EngineConfig
+from worker.engine import Engine
+from worker.spec.config import SpeculativeConfig
+from worker.spec.eagle_fused import FusedEagleLayer
+from worker.spec.eagle_head import (
+    EagleHead,
+    EagleHeadConfig,
+    load_eagle_head,
+    save_eagle_head,
+    shipped_head,
+)
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7],
+    list(range(20, 45)),
+    [9, 3, 9, 3, 9, 3, 11],
+    [100, 101, 102],
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama-gqa")
+
+
+def head_config(model: Path, vocab: tuple[int, ...] | None = None) -> EagleHeadConfig:
+    c = json.loads((model / "config.json").read_text())
+    return EagleHeadConfig(
+        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+        head_dim=c["hidden_size"] // c["num_attention_heads"], rms_norm_eps=c["rms_norm_eps"],
+        rope_theta=10000.0, vocab=vocab or tuple(range(c["vocab_size"])))
+
+
+def identity_head(cfg: EagleHeadConfig) -> EagleHead:
+    """A head whose feature guess is the (renormalised) feature it was given: it proposes the
+    token the target chose last, again and again, which the tiny random target often repeats,
+    so proposals get accepted, partly accepted and rejected."""
+    head = EagleHead(cfg)
+    d = cfg.hidden_size
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, d:] = torch.eye(d)
+        head.o_proj.weight.zero_()
+        head.down.weight.zero_()
+    return head
+
+
+@pytest.fixture(scope="module")
+def heads(model, tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    cfg = head_config(model)
+    out = {}
+    for name, head in (("identity", identity_head(cfg)), ("random", EagleHead(cfg))):
+        out[name] = tmp_path_factory.mktemp(name)
+        save_eagle_head(head, out[name], {"made_by": "test"})
+    return out
+
+
+def make_engine(model: Path, spec: SpeculativeConfig | None, **kw) -> Engine:
+    cfg = dict(model=str(model), dtype="float32", kv_cache_bytes=1 << 22, block_size=4,
+               speculative=spec)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+def eagle(head: Path, **kw) -> SpeculativeConfig:
+    """The head alone unless a test asks for the n-gram lookup beside it; no step budget, so
+    that every sequence of the batch drafts up to k tokens."""
+    return SpeculativeConfig(method="eagle", draft_model=str(head),
+                             **{"eagle_ngram_min_tokens": 0, "max_step_tokens": 1 << 10, **kw})
+
+
+def run(engine: Engine, max_tokens: int = 24, tag: str = "r") -> list[list[int]]:
+    reqs = [Request(request_id=f"{tag}{i}", prompt_token_ids=p, sampling=greedy(max_tokens))
+            for i, p in enumerate(PROMPTS)]
+    out = run_to_completion(engine, reqs)
+    return [tokens_of(out[r.request_id]) for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def baseline(model) -> list[list[int]]:
+    return run(make_engine(model, None))
+
+
+def test_cached_rows_equal_the_training_pass(model):
+    """Drafting appends rows to a KV cache a few at a time, with fused q/k/v weights; training
+    runs whole sequences under a causal mask. Both must compute the same features and keys."""
+    torch.manual_seed(1)
+    head = EagleHead(head_config(model)).eval()
+    head.attach_target(torch.randn(256, 64), torch.randn(256, 64))
+    n = 11
+    ids, feats, pos = torch.randint(0, 256, (n,)), torch.randn(n, 64), torch.arange(n)
+    with torch.inference_mode():
+        g_ref, k_ref, v_ref = head.layer(ids[None], feats[None], pos)
+        head.fuse_for_drafting()  # drafting runs one q/k/v matmul
+        empty = torch.zeros(2, 0, 16)
+        cache, outs = (empty, empty), []
+        for a, b in ((0, 4), (4, 5), (5, 8), (8, 11)):
+            g, k, v = head.layer(ids[a:b], feats[a:b], pos[a:b], cache=cache)
+            cache = (torch.cat((cache[0], k), 1), torch.cat((cache[1], v), 1))
+            outs.append(g)
+    torch.testing.assert_close(torch.cat(outs), g_ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[0], k_ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[1], v_ref[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["identity", "random"])
+def test_eagle_is_exact(model, heads, baseline, kind):
+    eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0, eagle_min_confidence=0.0))
+    assert run(eng) == baseline
+    m = eng.spec.metrics
+    assert m.proposed_tokens > 0
+    if kind == "identity":  # acceptance, partial acceptance and rejection all happened
+        assert 0 < m.accepted_tokens < m.proposed_tokens
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    assert not eng.spec.proposer._states  # freed with their sequences
+    fused = eng.spec.proposer.fused
+    if fused is not None:  # every page of the head's pool is back
+        assert len(fused.free_blocks) == fused.k_cache.shape[0]
+
+
+def test_ngram_lookup_beside_the_head_is_exact(model, heads, baseline):
+    """With the lookup on, copies go to the lookup and the rest to the head; the head's cache
+    must still catch up over the positions the lookup covered."""
+    eng = make_engine(model, eagle(heads["random"], min_acceptance=0.0, eagle_min_confidence=0.0,
+                                   eagle_ngram_min_tokens=2))
+    assert run(eng) == baseline
+    used = eng.spec.proposer.proposals
+    assert used["ngram"] > 0 and used["head"] > 0
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+def test_eagle_exact_with_prefix_hits_and_preemption(model, heads, baseline):
+    spec = eagle(heads["identity"], num_speculative_tokens=4, min_acceptance=0.0,
+                 eagle_min_confidence=0.0)
+    eng = make_engine(model, spec)
+    assert run(eng, tag="a") == baseline
+    assert run(eng, tag="b") == baseline  # the prompts come from the prefix cache
+    assert eng.stats().prefix_hits_total > 0
+    small = make_engine(model, spec, kv_cache_bytes=24 * 2 * 2 * 4 * 2 * 16 * 4)
+    assert run(small) == baseline
+    assert small.scheduler.num_preemptions > 0
+    assert small.kv.num_free_blocks == small.kv.num_blocks
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_head_sees_the_targets_features_at_the_right_positions(model, heads, backend):
+    """After a run with accepted and rejected proposals, the head's KV cache must be what one
+    pass over the committed tokens, fed the target's own hidden states, computes: through the
+    fused C layer over its paged pool, and through torch ops over per-sequence tensors."""
+    eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
+                                   eagle_min_confidence=0.0))
+    proposer = eng.spec.proposer
+    assert (proposer.fused is not None) == FusedEagleLayer.supported(proposer.head)
+    if backend == "fused" and proposer.fused is None:
+        pytest.skip("the fused decode layer is not built here")
+    if backend == "torch":
+        proposer.fused = None
+    kept = {}
+    proposer.free = lambda seq: kept.update({seq.request_id: proposer._states[seq.request_id]})
+    prompt = PROMPTS[0]
+    out = run_to_completion(eng, [Request(request_id="x", prompt_token_ids=prompt,
+                                          sampling=greedy(20))])
+    tokens = prompt + tokens_of(out["x"])
+    assert eng.spec.metrics.accepted_tokens > 0
+    st = kept["x"]
+    # every committed position up to the last proposal (the last verify may add k + 1 more)
+    assert st.rows >= len(tokens) - 1 - eng.spec.config.num_speculative_tokens
+    proposer._states["x"] = st
+    keys, values = proposer.head_cache("x")
+
+    # The target's final hidden states over the committed tokens, from one plain prefill.
+    ref = make_engine(model, None)
+    ref.runner.keep_hidden = True
+    run_to_completion(ref, [Request(request_id="y", prompt_token_ids=tokens,
+                                    sampling=greedy(1))])
+    hidden = ref.runner.last_hidden
+    assert hidden is not None and hidden.shape[0] == len(tokens)
+    feats = torch.cat((torch.zeros_like(hidden[:1]), hidden[:-1]))
+    with torch.inference_mode():
+        _, k_ref, v_ref = proposer.head.layer(torch.tensor(tokens)[None], feats[None],
+                                              torch.arange(len(tokens)))
+    torch.testing.assert_close(keys, k_ref[0, :, :st.rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values, v_ref[0, :, :st.rows], atol=1e-4, rtol=1e-4)
+
+
+def test_errors_name_the_fix(model, heads, tmp_path):
+    with pytest.raises(ConfigError, match=r"bench/train_eagle\.py"):
+        make_engine(model, SpeculativeConfig(method="eagle"))  # nothing shipped for it
+    with pytest.raises(ConfigError, match=r"eagle\.json"):
+        make_engine(model, eagle(tmp_path))
+    wide = EagleHead(EagleHeadConfig(**{**json.loads(
+        (heads["random"] / "eagle.json").read_text())["config"], "hidden_size": 32,
+        "vocab": (1, 2)}))
+    save_eagle_head(wide, tmp_path / "wide")
+    with pytest.raises(ConfigError, match="hidden size 32"):
+        load_eagle_head(tmp_path / "wide", torch.zeros(256, 64), torch.zeros(256, 64),
+                        torch.float32)
+
+
+def test_shipped_head_matches_the_default_models_folders(tmp_path):
+    from cluster.default_model import DEFAULT_MODEL
+
+    found = shipped_head(tmp_path / DEFAULT_MODEL)
+    assert found is not None and (found / "eagle.safetensors").is_file()
+    assert shipped_head(tmp_path / f"{DEFAULT_MODEL}-bfloat16") == found
+    assert shipped_head(tmp_path / "some-other-model") is None
+    cfg = json.loads((found / "eagle.json").read_text())
+    assert cfg["config"]["hidden_size"] == 576 and len(cfg["config"]["vocab"]) > 1000
+
+
+def test_llm_refuses_eagle_with_parallelism(model):
+    from cluster.llm import LLM
+
+    with pytest.raises(ValueError, match="eagle"):
+        LLM(str(model), tensor_parallel_size=2, speculative="eagle")
+
+
+def test_serve_config_refuses_eagle_with_parallelism():
+    from cluster.serve_config import build_serve_config
+
+    with pytest.raises(ConfigError, match="eagle"):
+        build_serve_config(overrides={"engine": {"speculative": {"method": "eagle"}},
+                                      "replica": {"tensor_parallel_size": 2}})
+    ok = build_serve_config(overrides={"engine": {"speculative": {"method": "eagle"}}})
+    assert ok.engine.speculative.method == "eagle"
+
+
+def test_sampled_requests_verify_eagle_proposals(model, heads):
+    """At temperature > 0 a proposal is a point mass the rejection sampler can verify; the run
+    must finish with every token in range and every KV block back."""
+    from protos.messages import SamplingParams
+
+    eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
+                                   eagle_min_confidence=0.0))
+    reqs = [Request(request_id=f"s{i}", prompt_token_ids=p,
+                    sampling=SamplingParams(temperature=0.7, max_tokens=16, ignore_eos=True,
+                                            seed=i))
+            for i, p in enumerate(PROMPTS)]
+    out = run_to_completion(eng, reqs)
+    assert all(len(tokens_of(out[r.request_id])) == 16 for r in reqs)
+    assert all(0 <= t < 256 for r in reqs for t in tokens_of(out[r.request_id]))
+    assert eng.spec.metrics.proposed_tokens > 0
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+def test_llm_and_cli_reach_the_eagle_proposer(model, heads):
+    from cluster.cli import build_parser
+    from cluster.llm import LLM
+    from cluster.speculative import speculative_config
+    from protos.messages import SamplingParams
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--speculative", "eagle",
+                                      "--draft-model", str(heads["identity"])])
+    spec = speculative_config(args.speculative, draft_model=args.draft_model)
+    assert (spec.method, spec.draft_model) == ("eagle", str(heads["identity"]))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    kw = dict(dtype="float32", kv_cache_bytes=1 << 22, block_size=4)
+    plain = [o.token_ids for o in LLM(str(model), **kw).generate(PROMPTS, params)]
+    llm = LLM(str(model), speculative="eagle", draft_model=str(heads["identity"]), **kw)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+    assert llm.engine.stats().spec_proposed_tokens_total > 0

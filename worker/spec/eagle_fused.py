@@ -1,0 +1,102 @@
+"""The EAGLE head's decoder layer as one call to the CPU fused decode layer, with a paged KV.
+
+A drafted token is one decoder layer on one row: in torch that is ~30 small ops whose dispatch
+costs more than the 7 MB of weights take to stream (1.3 ms against ~0.4 ms measured). The
+target's decode path already has the fused C layer (kernels/cpu_decode_layer.py); the head is
+a standard Llama layer, so it runs there too, over its own small paged KV pool.
+
+Rows of a sequence's head cache are numbered densely (row r lives in slot table[r // B] * B +
+r % B) while rotary positions are the tokens' true positions, so positions the head never saw
+(a prefix-cache hit) leave no hole in its cache. Rows past a sequence's committed ones are
+scratch for the rollout and are overwritten by the next catch-up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_decode_layer as fused
+from kernels.linear import linear
+from kernels.rmsnorm import rms_norm
+from worker.spec.eagle_head import EagleHead
+
+BLOCK = 16
+
+
+class FusedEagleLayer:
+    """Runs `EagleHead.layer` rows through the fused kernel; owns the head's KV pool."""
+
+    @staticmethod
+    def supported(head: EagleHead) -> bool:
+        cfg = head.cfg
+        dtype = head.fc.weight.dtype
+        return (head.fc.weight.device.type == "cpu" and fused.available(dtype)
+                and head.qkv is not None and cfg.num_heads % cfg.num_kv_heads == 0
+                and cfg.num_heads // cfg.num_kv_heads <= fused.MAX_GROUP
+                and cfg.head_dim <= fused.MAX_HEAD_DIM)
+
+    def __init__(self, head: EagleHead, pool_bytes: int, max_position: int) -> None:
+        cfg = head.cfg
+        dtype = head.fc.weight.dtype
+        self.head = head
+        per_block = 2 * BLOCK * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        num_blocks = max(1, pool_bytes // per_block)
+        shape = (num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))
+        ang = torch.arange(max_position, dtype=torch.float32)[:, None] * head.inv_freq[None, :]
+        self.cos_sin = torch.cat((ang.cos(), ang.sin()), dim=-1).contiguous()
+
+        def lin(w: torch.Tensor) -> fused.LinearSpec:
+            kind = fused.LIN_BF16 if dtype == torch.bfloat16 else fused.LIN_F32
+            return fused.LinearSpec(kind, w.contiguous(), w.shape[0], w.shape[1])
+
+        self.spec = fused.LayerSpec(
+            qkv=lin(head.qkv), o=lin(head.o_proj.weight.detach()),
+            gate_up=lin(head.gate_up.weight.detach()), down=lin(head.down.weight.detach()),
+            ln1=head.input_norm.weight.detach(), ln2=head.post_attention_norm.weight.detach(),
+            eps=cfg.rms_norm_eps, k_cache=self.k_cache, v_cache=self.v_cache,
+            cos_sin_cache=self.cos_sin, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, scale=cfg.head_dim ** -0.5, sliding_window=None)
+        self.max_position = max_position
+        self.max_rows = fused.max_rows([self.spec])  # rows per kernel call
+
+    def reserve(self, blocks: list[int], rows: int) -> bool:
+        """Grows `blocks` to hold `rows` rows; False (nothing taken) if the pool is short."""
+        need = -(-rows // BLOCK) - len(blocks)
+        if need > len(self.free_blocks):
+            return False
+        for _ in range(max(0, need)):
+            blocks.append(self.free_blocks.pop())
+        return True
+
+    def release(self, blocks: list[int]) -> None:
+        self.free_blocks.extend(blocks)
+        blocks.clear()
+
+    def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+              blocks: list[int], first_row: int) -> torch.Tensor:
+        """Feature guesses for len(tokens) rows stored at rows first_row.. of this sequence's
+        cache (blocks must cover them); each row attends to rows 0..itself. A long catch-up
+        (the prompt, after a prefill) runs in chunks of the kernel's row limit; each chunk's
+        rows are in the pool before the next one attends to them."""
+        step = self.max_rows
+        outs = [self._rows(tokens[a:a + step], features[a:a + step], positions[a:a + step],
+                           blocks, first_row + a)
+                for a in range(0, tokens.numel(), step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _rows(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+              blocks: list[int], first_row: int) -> torch.Tensor:
+        head = self.head
+        m = tokens.numel()
+        x = linear(torch.cat((head.embed[tokens].to(features.dtype), features), dim=-1),
+                   head.fc.weight)
+        rows = torch.arange(first_row, first_row + m)
+        table = torch.tensor(blocks, dtype=torch.int32)
+        slots = table[rows // BLOCK].to(torch.int64) * BLOCK + rows % BLOCK
+        step = fused.StepSpec(positions.to(torch.int64), slots, table.expand(m, -1),
+                              (rows + 1).to(torch.int32), self.spec)
+        out, residual = fused.run_layer(self.spec, step, x.contiguous(), None)
+        return rms_norm(out + residual, head.out_norm.weight, head.out_norm.eps)

@@ -274,3 +274,14 @@ def test_llm_and_cli_reach_the_eagle_proposer(model, heads):
     llm = LLM(str(model), speculative="eagle", draft_model=str(heads["identity"]), **kw)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
     assert llm.engine.stats().spec_proposed_tokens_total > 0
+
+
+@pytest.mark.gpu
+def test_eagle_is_exact_on_cuda(model, heads):
+    """On CUDA the head runs in torch ops (the fused layer is CPU-only) with its positions,
+    tokens and vocabulary map on the GPU."""
+    eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
+                                   eagle_min_confidence=0.0), device="cuda")
+    assert eng.spec.proposer.fused is None
+    assert run(eng) == run(make_engine(model, None, device="cuda"))
+    assert eng.spec.metrics.accepted_tokens > 0

@@ -66,11 +66,12 @@ class EagleProposer(Proposer):
         self.min_confidence = min_confidence
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
-        self._to_target = torch.tensor(head.cfg.vocab, dtype=torch.int64)
-        self.max_position = fused.max_position if fused is not None else 1 << 62
-        self._states: dict[str, _EagleState] = {}
         p = next(iter(head.parameters()))
         self._dtype, self._device = p.dtype, p.device
+        # on the head's device, as are the positions and tokens it is given (CUDA included)
+        self._to_target = torch.tensor(head.cfg.vocab, dtype=torch.int64, device=p.device)
+        self.max_position = fused.max_position if fused is not None else 1 << 62
+        self._states: dict[str, _EagleState] = {}
 
     # -- features from the target -------------------------------------------------------------
 
@@ -122,11 +123,13 @@ class EagleProposer(Proposer):
                 break
             pos += 1
             if self.fused is not None:  # scratch rows after the committed ones
-                g = self.fused.layer(token.view(1), feat.view(1, -1), torch.tensor([pos]),
+                g = self.fused.layer(token.view(1), feat.view(1, -1),
+                                     torch.tensor([pos], device=self._device),
                                      st.blocks, st.rows + len(out) - 1)
             else:
                 g, k_new, v_new = head.layer(token.view(1), feat.view(1, -1),
-                                             torch.tensor([pos]), cache=(keys, values))
+                                             torch.tensor([pos], device=self._device),
+                                             cache=(keys, values))
                 keys, values = torch.cat((keys, k_new), 1), torch.cat((values, v_new), 1)
             feat = g[0]
         self.proposals["head"] += 1
@@ -156,6 +159,7 @@ class EagleProposer(Proposer):
         if int(positions[-1]) >= self.max_position:
             return None
         tokens = torch.tensor(seq.token_ids, dtype=torch.int64).index_select(0, positions)
+        positions, tokens = positions.to(self._device), tokens.to(self._device)
         feats = torch.cat([r for _, r in parts])
         if self.fused is not None:
             if not self.fused.reserve(st.blocks, st.rows + len(positions)):

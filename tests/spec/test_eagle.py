@@ -18,6 +18,7 @@ from worker.spec.eagle_fused import FusedEagleLayer
 from worker.spec.eagle_head import (
     EagleHead,
     EagleHeadConfig,
+    TorchEagleLayer,
     load_eagle_head,
     save_eagle_head,
     shipped_head,
@@ -128,8 +129,8 @@ def test_eagle_is_exact(model, heads, baseline, kind):
         assert 0 < m.accepted_tokens < m.proposed_tokens
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
     assert not eng.spec.proposer._states  # freed with their sequences
-    fused = eng.spec.proposer.fused
-    if fused is not None:  # every page of the head's pool is back
+    fused = eng.spec.proposer.layer
+    if isinstance(fused, FusedEagleLayer):  # every page of the head's pool is back
         assert len(fused.free_blocks) == fused.k_cache.shape[0]
 
 
@@ -165,11 +166,12 @@ def test_head_sees_the_targets_features_at_the_right_positions(model, heads, bac
     eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
                                    eagle_min_confidence=0.0))
     proposer = eng.spec.proposer
-    assert (proposer.fused is not None) == FusedEagleLayer.supported(proposer.head)
-    if backend == "fused" and proposer.fused is None:
+    fused = isinstance(proposer.layer, FusedEagleLayer)
+    assert fused == FusedEagleLayer.supported(proposer.head)
+    if backend == "fused" and not fused:
         pytest.skip("the fused decode layer is not built here")
     if backend == "torch":
-        proposer.fused = None
+        proposer.layer = TorchEagleLayer(proposer.head)
     kept = {}
     proposer.free = lambda seq: kept.update({seq.request_id: proposer._states[seq.request_id]})
     prompt = PROMPTS[0]
@@ -282,6 +284,6 @@ def test_eagle_is_exact_on_cuda(model, heads):
     tokens and vocabulary map on the GPU."""
     eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
                                    eagle_min_confidence=0.0), device="cuda")
-    assert eng.spec.proposer.fused is None
+    assert isinstance(eng.spec.proposer.layer, TorchEagleLayer)
     assert run(eng) == run(make_engine(model, None, device="cuda"))
     assert eng.spec.metrics.accepted_tokens > 0

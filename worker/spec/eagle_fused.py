@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_decode_layer as fused
-from kernels.linear import linear
 from kernels.rmsnorm import rms_norm
 from worker.spec.eagle_head import EagleHead
 
@@ -62,6 +61,10 @@ class FusedEagleLayer:
         self.max_position = max_position
         self.max_rows = fused.max_rows([self.spec])  # rows per kernel call
 
+    def new_cache(self) -> list[int]:
+        """A sequence's cache: the pool pages it holds."""
+        return []
+
     def reserve(self, blocks: list[int], rows: int) -> bool:
         """Grows `blocks` to hold `rows` rows; False (nothing taken) if the pool is short."""
         need = -(-rows // BLOCK) - len(blocks)
@@ -74,6 +77,12 @@ class FusedEagleLayer:
     def release(self, blocks: list[int]) -> None:
         self.free_blocks.extend(blocks)
         blocks.clear()
+
+    def read(self, blocks: list[int], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows 0..rows-1, [kv_heads, rows, head_dim] each."""
+        index = torch.tensor(blocks, dtype=torch.int64)
+        return tuple(c.index_select(0, index).flatten(0, 1)[:rows].transpose(0, 1)
+                     for c in (self.k_cache, self.v_cache))
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               blocks: list[int], first_row: int) -> torch.Tensor:
@@ -91,8 +100,7 @@ class FusedEagleLayer:
               blocks: list[int], first_row: int) -> torch.Tensor:
         head = self.head
         m = tokens.numel()
-        x = linear(torch.cat((head.embed[tokens].to(features.dtype), features), dim=-1),
-                   head.fc.weight)
+        x = head.fuse_input(tokens, features)
         rows = torch.arange(first_row, first_row + m)
         table = torch.tensor(blocks, dtype=torch.int32)
         slots = table[rows // BLOCK].to(torch.int64) * BLOCK + rows % BLOCK

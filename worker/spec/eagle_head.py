@@ -133,6 +133,10 @@ class EagleHead(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
+    def fuse_input(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """fc(embed(token) ++ feature before it): the layer's input rows."""
+        return _lin(self.fc, torch.cat((self.embed[tokens].to(features.dtype), features), dim=-1))
+
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               cache: tuple[torch.Tensor, torch.Tensor] | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +146,7 @@ class EagleHead(nn.Module):
         `tokens` is [T] new rows of one sequence that attend to the cached keys and values
         ([kv_heads, L, head_dim] each) and to each other causally."""
         cfg = self.cfg
-        x = _lin(self.fc, torch.cat((self.embed[tokens].to(features.dtype), features), dim=-1))
+        x = self.fuse_input(tokens, features)
         h = _norm(self.input_norm, x)
         lead = h.shape[:-1]
         if self.qkv is not None and not torch.is_grad_enabled():
@@ -166,6 +170,44 @@ class EagleHead(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Scores over the kept tokens (draft ids)."""
         return linear(features, self.head.to(features.dtype))
+
+
+class TorchEagleLayer:
+    """Drafting in torch ops, one growing KV tensor pair per sequence: where the fused C layer
+    (worker/spec/eagle_fused.py) does not run, e.g. on CUDA. Same interface: a per-sequence
+    cache from new_cache(), rows stored at first_row.. and attending to rows 0..themselves."""
+
+    max_position = 1 << 62  # rotary angles are computed per call: no table to overrun
+
+    def __init__(self, head: EagleHead) -> None:
+        self.head = head
+
+    def new_cache(self) -> list[torch.Tensor]:
+        cfg, w = self.head.cfg, self.head.fc.weight
+        empty = torch.empty(cfg.num_kv_heads, 256, cfg.head_dim, dtype=w.dtype, device=w.device)
+        return [empty, torch.empty_like(empty)]
+
+    def reserve(self, cache: list[torch.Tensor], rows: int) -> bool:
+        if rows > cache[0].shape[1]:
+            cap = max(rows, 2 * cache[0].shape[1])
+            for i, old in enumerate(cache):
+                cache[i] = old.new_empty(old.shape[0], cap, old.shape[2])
+                cache[i][:, :old.shape[1]] = old
+        return True
+
+    def release(self, cache: list[torch.Tensor]) -> None:
+        pass
+
+    def read(self, cache: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache[0][:, :rows], cache[1][:, :rows]
+
+    def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+              cache: list[torch.Tensor], first_row: int) -> torch.Tensor:
+        g, k, v = self.head.layer(tokens, features, positions,
+                                  cache=(cache[0][:, :first_row], cache[1][:, :first_row]))
+        end = first_row + tokens.numel()
+        cache[0][:, first_row:end], cache[1][:, first_row:end] = k, v
+        return g
 
 
 WEIGHTS_FILE, CONFIG_FILE = "eagle.safetensors", "eagle.json"

@@ -16,26 +16,25 @@ the target verifies every token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from protos.messages import StepPlan
 from worker.sequence import Sequence
 from worker.spec.eagle_fused import FusedEagleLayer
-from worker.spec.eagle_head import EagleHead
+from worker.spec.eagle_head import EagleHead, TorchEagleLayer
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
 
-_CACHE_START = 256  # rows of head KV first allocated per sequence (doubled as needed)
+DraftLayer = FusedEagleLayer | TorchEagleLayer
 
 
 @dataclass
 class _EagleState:
-    keys: torch.Tensor
-    values: torch.Tensor
-    rows: int = 0  # valid rows in keys/values
+    cache: Any  # the draft layer's per-sequence cache (DraftLayer.new_cache)
+    rows: int = 0  # committed rows in the cache; rows after them are rollout scratch
     done: int = 0  # next position to process (all before it were processed or skipped)
     last: torch.Tensor | None = None  # the head's feature guess at position done-1
-    blocks: list[int] = field(default_factory=list)  # the fused layer's KV pages
     # Observed target features not yet used: (position of the first row, rows).
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
@@ -57,9 +56,10 @@ class EagleProposer(Proposer):
     def __init__(self, head: EagleHead, *, min_confidence: float = 0.3,
                  max_batch_size: int = 8, max_pending: int = 4096,
                  ngram: NgramProposer | None = None, ngram_min_tokens: int = 2,
-                 fused: FusedEagleLayer | None = None) -> None:
+                 layer: DraftLayer | None = None) -> None:
         self.head = head.eval()
-        self.fused = fused  # the C layer over its own KV pool; None: torch ops, KV per sequence
+        # the fused C layer over its own KV pool where it runs, else torch ops
+        self.layer = layer if layer is not None else TorchEagleLayer(head)
         self.ngram = ngram
         self.ngram_min_tokens = ngram_min_tokens
         self.proposals = {"head": 0, "ngram": 0}  # non-empty proposals by source
@@ -70,7 +70,6 @@ class EagleProposer(Proposer):
         self._dtype, self._device = p.dtype, p.device
         # on the head's device, as are the positions and tokens it is given (CUDA included)
         self._to_target = torch.tensor(head.cfg.vocab, dtype=torch.int64, device=p.device)
-        self.max_position = fused.max_position if fused is not None else 1 << 62
         self._states: dict[str, _EagleState] = {}
 
     # -- features from the target -------------------------------------------------------------
@@ -104,33 +103,25 @@ class EagleProposer(Proposer):
         last = self._catch_up(seq, st)
         if last is None or k <= 0:
             return NO_PROPOSAL
-        head = self.head
-        if self.fused is not None and not self.fused.reserve(st.blocks, st.rows + k):
+        if not self.layer.reserve(st.cache, st.rows + k):
             return NO_PROPOSAL  # the head's KV pool is full: no scratch rows for a rollout
-        keys, values = st.keys[:, :st.rows], st.values[:, :st.rows]
         feat, pos = last, seq.num_tokens - 1
         out: list[int] = []
         chance = 1.0
         while True:
-            probs = torch.softmax(head.logits(feat).float(), dim=-1)
+            probs = torch.softmax(self.head.logits(feat).float(), dim=-1)
             conf, idx = probs.max(dim=-1)
             chance *= float(conf)
             if chance < self.min_confidence and out:
                 break
             token = self._to_target[idx]
             out.append(int(token))
-            if len(out) >= k or pos + 1 >= self.max_position:
+            if len(out) >= k or pos + 1 >= self.layer.max_position:
                 break
-            pos += 1
-            if self.fused is not None:  # scratch rows after the committed ones
-                g = self.fused.layer(token.view(1), feat.view(1, -1),
-                                     torch.tensor([pos], device=self._device),
-                                     st.blocks, st.rows + len(out) - 1)
-            else:
-                g, k_new, v_new = head.layer(token.view(1), feat.view(1, -1),
-                                             torch.tensor([pos], device=self._device),
-                                             cache=(keys, values))
-                keys, values = torch.cat((keys, k_new), 1), torch.cat((values, v_new), 1)
+            pos += 1  # a scratch row after the committed ones
+            g = self.layer.layer(token.view(1), feat.view(1, -1),
+                                 torch.tensor([pos], device=self._device), st.cache,
+                                 st.rows + len(out) - 1)
             feat = g[0]
         self.proposals["head"] += 1
         return Proposal(out)
@@ -156,20 +147,15 @@ class EagleProposer(Proposer):
         if not parts:
             return st.last if st.done == n else None
         positions = torch.cat([torch.arange(p, p + len(r)) for p, r in parts])
-        if int(positions[-1]) >= self.max_position:
+        if int(positions[-1]) >= self.layer.max_position:
             return None
         tokens = torch.tensor(seq.token_ids, dtype=torch.int64).index_select(0, positions)
         positions, tokens = positions.to(self._device), tokens.to(self._device)
         feats = torch.cat([r for _, r in parts])
-        if self.fused is not None:
-            if not self.fused.reserve(st.blocks, st.rows + len(positions)):
-                return None  # pool full: these positions stay missing from the head's cache
-            g = self.fused.layer(tokens, feats, positions, st.blocks, st.rows)
-            st.rows += len(positions)
-        else:
-            g, k_new, v_new = self.head.layer(
-                tokens, feats, positions, cache=(st.keys[:, :st.rows], st.values[:, :st.rows]))
-            self._append(st, k_new, v_new)
+        if not self.layer.reserve(st.cache, st.rows + len(positions)):
+            return None  # pool full: these positions stay missing from the head's cache
+        g = self.layer.layer(tokens, feats, positions, st.cache, st.rows)
+        st.rows += len(positions)
         st.done = nxt
         st.last = g[-1] if int(positions[-1]) == n - 1 else None
         return st.last if st.done == n else None
@@ -178,42 +164,17 @@ class EagleProposer(Proposer):
         """The head's keys and values over a sequence's committed rows, [kv_heads, rows, d]
         each (for tests and debugging)."""
         st = self._states[request_id]
-        if self.fused is None:
-            return st.keys[:, :st.rows], st.values[:, :st.rows]
-        out = []
-        for cache in (self.fused.k_cache, self.fused.v_cache):
-            pages = cache.index_select(0, torch.tensor(st.blocks, dtype=torch.int64))
-            out.append(pages.flatten(0, 1)[:st.rows].transpose(0, 1))
-        return out[0], out[1]
-
-    def _append(self, st: _EagleState, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        need = st.rows + k_new.shape[1]
-        if need > st.keys.shape[1]:
-            cap = max(need, 2 * st.keys.shape[1])
-            for name in ("keys", "values"):
-                old = getattr(st, name)
-                new = old.new_empty(old.shape[0], cap, old.shape[2])
-                new[:, :st.rows] = old[:, :st.rows]
-                setattr(st, name, new)
-        st.keys[:, st.rows:need] = k_new
-        st.values[:, st.rows:need] = v_new
-        st.rows = need
+        return self.layer.read(st.cache, st.rows)
 
     def _state(self, seq: Sequence) -> _EagleState:
         st = self._states.get(seq.request_id)
         if st is None:
-            cfg = self.head.cfg
-            # the fused layer keeps rows in its pool; the torch path in these tensors
-            start = 0 if self.fused is not None else _CACHE_START
-            shape = (cfg.num_kv_heads, start, cfg.head_dim)
-            st = self._states[seq.request_id] = _EagleState(
-                torch.empty(shape, dtype=self._dtype, device=self._device),
-                torch.empty(shape, dtype=self._dtype, device=self._device))
+            st = self._states[seq.request_id] = _EagleState(self.layer.new_cache())
         return st
 
     def free(self, seq: Sequence) -> None:
         st = self._states.pop(seq.request_id, None)
-        if st is not None and self.fused is not None:
-            self.fused.release(st.blocks)
+        if st is not None:
+            self.layer.release(st.cache)
         if self.ngram is not None:
             self.ngram.free(seq)

@@ -54,11 +54,11 @@ def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
     head = load_eagle_head(folder, embed, lm_head, runner.dtype)
     ngram = NgramProposer(config.ngram_min, config.ngram_max) \
         if config.eagle_ngram_min_tokens else None
-    fused = FusedEagleLayer(head, config.draft_kv_cache_bytes, engine.max_model_len) \
+    layer = FusedEagleLayer(head, config.draft_kv_cache_bytes, engine.max_model_len) \
         if FusedEagleLayer.supported(head) else None
     return EagleProposer(head, min_confidence=config.eagle_min_confidence,
                          max_batch_size=config.max_batch_size, ngram=ngram,
-                         ngram_min_tokens=config.eagle_ngram_min_tokens, fused=fused)
+                         ngram_min_tokens=config.eagle_ngram_min_tokens, layer=layer)
 
 
 def build_proposer(config: SpeculativeConfig, engine: Any,

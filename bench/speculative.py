@@ -2,6 +2,10 @@
 proposer (same greedy output required), acceptance, and batch-32 throughput.
 
     python -m bench.speculative [--draft-model DIR] [--max-tokens 96] [--json out.json]
+    python -m bench.speculative --methods "none,eagle,eagle{eagle_tree_width=1}"
+
+A method may carry SpeculativeConfig options in braces, separated by ";" (values are JSON,
+else strings), to compare settings of one proposer in the same run.
 
 Each configuration is one LLM (one engine) over the same prompts; outputs are compared token
 for token with the first method (none). Runs alternate between the engines; timings are medians
@@ -57,6 +61,19 @@ def spec_counts(llm: LLM) -> tuple[int, int, int, int, float]:
             s.spec_proposer_seconds_total)
 
 
+def parse_method(entry: str) -> tuple[str, dict]:
+    """"eagle{eagle_tree_width=3;num_speculative_tokens=15}" -> ("eagle", {...})."""
+    name, _, rest = entry.partition("{")
+    options: dict = {}
+    for item in filter(None, rest.rstrip("}").split(";")):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--draft-model", default=None,
@@ -89,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     llms: dict[str, LLM] = {}
     for method in methods:
-        spec = None if method == "none" else method
+        base, options = parse_method(method)
+        spec = None if base == "none" else base
         llms[method] = LLM(None, num_threads=args.threads, dtype=args.dtype, speculative=spec,
                            kv_cache_bytes=256 << 20,
                            draft_model=args.draft_model
                            if spec in ("eagle", "draft", "pool") else None,
-                           num_speculative_tokens=args.k if spec else None)
+                           num_speculative_tokens=options.pop("num_speculative_tokens", args.k)
+                           if spec else None,
+                           speculative_options=options or None)
         run_one(llms[method], "Hello", True, SamplingParams(max_tokens=4, temperature=0.0))
 
     rows: list[dict] = []

@@ -53,6 +53,10 @@ TEMPLATES = [
     "How would you teach {} to a beginner?", "List some common mistakes people make with {}.",
     "Write a haiku about {}.", "What is a fun fact about {}?",
     "Compare {} with something from everyday life.", "Answer in one sentence: what is {}?",
+    "How does {} work?", "What is the history of {}?", "Can you explain {} in simple terms?",
+    "Write the opening of a blog post about {}.", "Give me five facts about {}.",
+    "I am new to {}. Where should I start?", "Write a short dialogue between two friends about {}.",
+    "What questions do people often ask about {}?",
 ]
 # The benchmark asks about the sky; no topic here is about the sky, light or colour.
 TOPICS = [
@@ -80,6 +84,28 @@ TOPICS = [
     "nuclear power", "the periodic table", "the Industrial Revolution", "the Vikings",
     "medieval castles", "the Silk Road", "volunteering", "parenting teenagers", "online privacy",
     "passwords", "remote work", "negotiating a salary", "writing poetry",
+    "the history of medicine", "glaciers", "sharks", "the French language", "origami",
+    "how batteries work", "the Renaissance", "the Egyptian pyramids", "soccer", "basketball",
+    "the history of the bicycle", "how elevators work", "smartphones", "social media",
+    "climbing", "skiing", "bird migration", "whales", "ants", "spiders", "mushrooms",
+    "the history of writing", "how maps are made", "navigation at sea", "canals",
+    "trains", "the history of aviation", "submarines", "space stations", "Mars", "comets",
+    "the Big Bang", "quantum computers", "encryption", "open source software", "spreadsheets",
+    "learning to code", "debugging a program", "the Python language", "web browsers",
+    "email etiquette", "writing a cover letter", "starting a podcast", "journaling",
+    "minimalism", "budget travel", "packing for a trip", "learning to drive", "public transport",
+    "saving energy at home", "composting", "beekeeping", "raising chickens", "vegetable gardens",
+    "growing tomatoes", "making pasta", "pizza", "chocolate", "cheese making", "fermentation",
+    "vitamins", "drinking enough water", "stretching", "strength training", "walking every day",
+    "stress", "procrastination", "habits", "motivation", "kindness", "gratitude",
+    "handling criticism", "making friends as an adult", "moving to a new city", "retirement",
+    "insurance", "credit cards", "inflation", "supply and demand", "the history of money",
+    "democracy", "the United Nations", "human rights", "the printing of newspapers",
+    "ancient Greece", "the Aztecs", "the samurai", "the history of the Olympic marathon",
+    "opera", "ballet", "pottery", "sculpture", "film making",
+    "the history of cinema", "stand-up comedy", "magic tricks", "puzzles", "crossword puzzles",
+    "math anxiety", "geometry", "algebra", "statistics", "the number zero", "infinity",
+    "the speed of sound", "rivers", "snow", "hurricanes", "dams",
 ]
 
 

@@ -64,6 +64,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                     help="most tokens proposed per step (default 8; adapts to acceptance)")
     sp.add_argument("--draft-replicas", type=int, default=None,
                     help="pool: number of draft actors (default 1)")
+    sp.add_argument("--speculative-config", type=_json_object, default=None,
+                    help='any other speculative setting as JSON, e.g. '
+                         '\'{"eagle_tree_width": 3}\' (fields: worker/spec/config.py)')
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f'{{"eagle_tree_width": 3}} (got {text!r})')
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,7 +100,7 @@ def _make_llm(args: argparse.Namespace):
                tensor_parallel_size=args.tp or 1, pipeline_parallel_size=args.pp or 1,
                pipeline_layers=args.pp_layers, speculative=args.speculative,
                draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-               draft_replicas=args.draft_replicas)
+               draft_replicas=args.draft_replicas, speculative_options=args.speculative_config)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -216,6 +230,9 @@ def serve_overrides(args: argparse.Namespace) -> dict:
         node[path[-1]] = list(value) if isinstance(value, list) else value
     if args.no_prefix_caching:
         out.setdefault("engine", {})["enable_prefix_caching"] = False
+    if getattr(args, "speculative_config", None):
+        spec = out.setdefault("engine", {}).setdefault("speculative", {})
+        spec.update({k: v for k, v in args.speculative_config.items() if k not in spec})
     return out
 
 

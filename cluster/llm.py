@@ -46,10 +46,13 @@ class LLM:
         draft_model: str | None = None,
         num_speculative_tokens: int | None = None,
         draft_replicas: int | None = None,
+        speculative_options: dict[str, Any] | None = None,
     ) -> None:
         """`speculative`: "ngram", "eagle" (a head drafting from the target's hidden states),
         "draft" (in-process draft model) or "pool" (draft-model Ray
-        actors; a local Ray is started unless one is connected); see worker/spec/."""
+        actors; a local Ray is started unless one is connected); see worker/spec/.
+        `speculative_options`: any other SpeculativeConfig field, e.g.
+        {"eagle_tree_width": 1} (worker/spec/config.py)."""
         self.model_dir = resolve_model(model, Path(cache_dir) if cache_dir else None)
         self.config = EngineConfig(
             model=str(self.model_dir), dtype=dtype, device=device, max_model_len=max_model_len,
@@ -59,7 +62,8 @@ class LLM:
             quantization=quantization, quant_group_size=quant_group_size,
             speculative=speculative_config(speculative, draft_model=draft_model,
                                            num_speculative_tokens=num_speculative_tokens,
-                                           draft_replicas=draft_replicas))
+                                           draft_replicas=draft_replicas,
+                                           options=speculative_options))
         self.tokenizer: Tokenizer | None = None
         if (self.model_dir / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer.from_dir(self.model_dir)

@@ -19,22 +19,28 @@ from worker.spec.config import SpeculativeConfig
 
 def speculative_config(method: str | None, *, draft_model: str | None = None,
                        num_speculative_tokens: int | None = None,
-                       draft_replicas: int | None = None) -> SpeculativeConfig | None:
+                       draft_replicas: int | None = None,
+                       options: dict[str, Any] | None = None) -> SpeculativeConfig | None:
     """From the `--speculative`, `--draft-model`, `--num-speculative-tokens` and
-    `--draft-replicas` flags; None when speculation is off."""
+    `--draft-replicas` flags, and any other SpeculativeConfig fields in `options` (as a serve
+    YAML's engine.speculative takes them); None when speculation is off."""
     if method is None:
-        if draft_model is not None or draft_replicas is not None:
-            raise ValueError("--draft-model/--draft-replicas need --speculative eagle, draft or "
-                             "pool")
+        if draft_model is not None or draft_replicas is not None or options:
+            raise ValueError("--draft-model/--draft-replicas and speculative options need "
+                             "--speculative ngram, eagle, draft or pool")
         return None
-    fields: dict[str, Any] = {"method": method}
+    fields: dict[str, Any] = {"method": method, **(options or {})}
     if draft_model is not None:
         fields["draft_model"] = draft_model
     if num_speculative_tokens is not None:
         fields["num_speculative_tokens"] = num_speculative_tokens
     if draft_replicas is not None:
         fields["draft_replicas"] = draft_replicas
-    return SpeculativeConfig(**fields)
+    try:
+        return msgspec.convert(fields, SpeculativeConfig)
+    except msgspec.ValidationError as e:
+        known = ", ".join(SpeculativeConfig.__struct_fields__)
+        raise ValueError(f"speculative options: {e} (the fields are: {known})") from e
 
 
 def _pool_args(config: EngineConfig) -> tuple[SpeculativeConfig, Path, int]:

@@ -42,7 +42,8 @@ class _Layer(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("m", _i64), ("positions", _ptr), ("slots", _ptr), ("tables", _ptr),
-                ("table_stride", _i64), ("seq_lens", _ptr), ("rows", _ptr), ("work", _ptr),
+                ("table_stride", _i64), ("seq_lens", _ptr), ("rows", _ptr), ("holes", _ptr),
+                ("work", _ptr),
                 ("bf16", _i64), ("num_threads", _i64)]
 
 
@@ -137,22 +138,30 @@ class StepSpec:
     """One step of a few tokens. Each row attends as a decode of its own: to its sequence's
     pages up to and including its own position. A step's K/V are all stored before any row
     attends, so a sequence with several new tokens (a speculative verify, a short prefill chunk)
-    gets causal attention from per-row lengths over a shared block table."""
+    gets causal attention from per-row lengths over a shared block table. A row's length counts
+    its sequence's tokens up to its own index in the step, not its position: a token tree's rows
+    share positions. `holes` (optional, [rows] int64) hides keys from a row for tree attention
+    (kernels/paged_attention.py)."""
 
     @classmethod
     def for_tokens(cls, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                   block_tables: torch.Tensor, query_start: list[int],
-                   layer: LayerSpec) -> StepSpec:
-        """Rows for the flattened tokens of a step: sequence i owns query_start[i:i+2]."""
+                   block_tables: torch.Tensor, query_start: list[int], seq_lens: list[int],
+                   layer: LayerSpec, holes: torch.Tensor | None = None) -> StepSpec:
+        """Rows for the flattened tokens of a step: sequence i owns query_start[i:i+2] and holds
+        seq_lens[i] tokens after it."""
         counts = [query_start[i + 1] - query_start[i] for i in range(len(query_start) - 1)]
         if any(c != 1 for c in counts):
             owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
             block_tables = block_tables.index_select(0, owner)
-        lens = (positions + 1).to(torch.int32)
-        return cls(positions, slot_mapping, block_tables, lens, layer)
+            lens = torch.tensor([n - c + j + 1 for n, c in zip(seq_lens, counts)
+                                 for j in range(c)], dtype=torch.int32)
+        else:
+            lens = torch.tensor(seq_lens, dtype=torch.int32)
+        return cls(positions, slot_mapping, block_tables, lens, layer, holes)
 
     def __init__(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: LayerSpec) -> None:
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: LayerSpec,
+                 holes: torch.Tensor | None = None) -> None:
         m = positions.numel()
         self._keep = [positions.contiguous(), slot_mapping.contiguous(),
                       block_tables.contiguous(), seq_lens.contiguous(),
@@ -161,9 +170,14 @@ class StepSpec:
         pos, slots, tables, lens, rows, work = self._keep
         assert pos.dtype == slots.dtype == torch.int64
         assert tables.dtype == lens.dtype == torch.int32
+        if holes is not None:
+            holes = holes.contiguous()
+            assert holes.dtype == torch.int64 and holes.numel() == m
+            self._keep.append(holes)
         self.rows = m
         self.struct = _Step(m, pos.data_ptr(), slots.data_ptr(), tables.data_ptr(),
-                            tables.stride(0), lens.data_ptr(), rows.data_ptr(), work.data_ptr(),
+                            tables.stride(0), lens.data_ptr(), rows.data_ptr(),
+                            None if holes is None else holes.data_ptr(), work.data_ptr(),
                             int(layer.dtype == torch.bfloat16), torch.get_num_threads())
 
 

@@ -14,13 +14,13 @@ import torch
 
 from kernels.cpu_library import load
 
-_ABI = 2
+_ABI = 3
 # Mirrors MAX_GROUP / MAX_HEAD_DIM / MAX_BLOCK in the C source (stack buffers per task).
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64,
-             _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
+             _i64, _i64, _i64, ctypes.c_float, ctypes.c_int, _ptr]
 
 
 @functools.cache
@@ -60,8 +60,11 @@ def paged_decode_attention_cpu(
     out: torch.Tensor,  # [T, Hq, D]; rows q_rows are written
     scale: float,
     sliding_window: int | None,
+    holes: torch.Tensor | None = None,  # [Bd] int64 keys hidden from each row (tree attention)
 ) -> None:
-    """Callers check `supports()` first. The index tensors must be int32 and contiguous."""
+    """Callers check `supports()` first. The index tensors must be int32 and contiguous.
+    `holes`: bit j of holes[i] hides key seq_len - 1 - j from row i (kernels/paged_attention.py
+    explains the tree masks)."""
     fns = _functions()
     assert fns is not None
     if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
@@ -69,9 +72,13 @@ def paged_decode_attention_cpu(
     assert out.stride(2) == 1 and out.stride(1) == out.shape[2]
     assert block_tables.dtype == seq_lens.dtype == q_rows.dtype == seq_ids.dtype == torch.int32
     assert block_tables.is_contiguous() and seq_lens.is_contiguous()
+    if holes is not None:
+        assert holes.dtype == torch.int64 and holes.is_contiguous()
+        assert holes.numel() == q_rows.numel()
     fns[query.dtype](
         query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         q_rows.data_ptr(), seq_ids.data_ptr(), q_rows.numel(), out.data_ptr(), out.stride(0),
         query.shape[1], k_cache.shape[2], query.shape[2], k_cache.shape[1],
-        sliding_window or 0, scale, torch.get_num_threads())
+        sliding_window or 0, scale, torch.get_num_threads(),
+        None if holes is None else holes.data_ptr())

@@ -6,6 +6,13 @@ the paged cache. Each query attends causally to its paged past plus itself (and 
 `sliding_window` positions when a window is set: key j is visible from query p when
 p - window < j <= p, as in Hugging Face's Mistral).
 
+Tree attention (verifying a token tree in one forward, worker/spec/tree.py): a sequence's query
+tokens are its tree's nodes in an order where parents come first, and each must see only its
+ancestors among them. `attn_holes[t]` (int64 per query token, 0 = plain causal) hides keys from
+token t: bit j hides the key j places before t's own, counted in the sequence's KV order (the
+token's own key is j = 0; keys more than 63 back are always visible). Holes count KV order, not
+positions: a tree's siblings share a position.
+
 On CPU, decode rows go to a C kernel that reads the pages in place (kernels/cpu_paged_attention.py,
 proven against the reference). Prefill chunks without a cached past share batched causal SDPA
 calls, right-padded to the longest of a batch (a padded key sits after every real query, so the
@@ -38,6 +45,8 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     sliding_window: int | None = None
     slot_mapping: torch.Tensor | None = None  # [T] int64 cache row of each new token (-1: skip)
+    attn_holes: torch.Tensor | None = None  # [T] int64 tree masks (see above); None: causal
+    attn_holes_host: list[int] | None = None
     _plan: _ReferencePlan | None = field(default=None, repr=False)
 
     @property
@@ -123,6 +132,17 @@ def _fresh_batches(chunks: list[_PrefillChunk], device: torch.device
     return batches, alone
 
 
+def _tree_mask(holes: list[int], ctx: int, device: torch.device) -> torch.Tensor:
+    """[q_len, ctx] bool, True = attend: causal over the last q_len keys, minus the holes."""
+    q_len = len(holes)
+    pos = torch.arange(ctx, device=device)
+    last = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)  # each query's own key
+    back = last - pos.unsqueeze(0)
+    bits = torch.tensor(holes, dtype=torch.int64, device=device).unsqueeze(1)
+    hidden = (back < 64) & (back >= 0) & ((bits >> back.clamp(0, 63)) & 1).bool()
+    return (back >= 0) & ~hidden
+
+
 @dataclass
 class _DecodeGather:
     # [Bd, max_blocks] cache blocks of each decode. Whole blocks are gathered (contiguous
@@ -154,6 +174,9 @@ class _ReferencePlan:
         window = meta.sliding_window
         qs, sl = meta.query_start_host, meta.seq_lens_host
         decode_rows = [i for i in range(len(sl)) if qs[i + 1] - qs[i] == 1]
+        holes = meta.attn_holes_host
+        assert holes is None or not any(holes[qs[i]] for i in decode_rows), \
+            "tree masks are for sequences with several query tokens"
         token_idx = seq_ids = None
         if decode_rows:
             token_idx = torch.tensor([qs[i] for i in decode_rows], dtype=torch.int32,
@@ -172,6 +195,9 @@ class _ReferencePlan:
             if window is not None and window < ctx:
                 q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
                 mask = (pos.unsqueeze(0) <= q_pos) & (pos.unsqueeze(0) > q_pos - window)
+            if holes is not None and any(holes[qs[i]:qs[i + 1]]):
+                tree = _tree_mask(holes[qs[i]:qs[i + 1]], ctx, device)
+                mask = tree if mask is None else mask & tree
             chunks.append(_PrefillChunk(qs[i], qs[i + 1], slots, mask, ctx - q_len))
         return _ReferencePlan(decode_rows, token_idx, seq_ids, len(decode_rows) == len(sl),
                               chunks)

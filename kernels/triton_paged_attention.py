@@ -24,7 +24,9 @@ reduce computes M = max m_s, out = sum acc_s 2^(m_s - M) / sum l_s 2^(m_s - M). 
 
 Masking (see kernels/paged_attention.py): the query at position p sees key j iff j <= p and, with
 a window w, j > p - w. Each query position p = seq_len - q_len + i (queries are the last q_len
-tokens of the context).
+tokens of the context). With tree masks (HAS_HOLES, prefill kernel only: a tree is a sequence of
+several query tokens) key j is also hidden when p - j < 64 and bit p - j of the query's holes is
+set.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def _decode_reduce_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, holes_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -165,7 +167,7 @@ def _prefill_kernel(
     head_dim, block_size, window,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, HAS_HOLES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -194,6 +196,8 @@ def _prefill_kernel(
                 mask=row_valid[:, None] & dmask[None, :], other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
     q_pos = first_pos + tok
+    if HAS_HOLES:
+        holes = tl.load(holes_ptr + q_rows, mask=row_valid, other=0)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     # Keys this tile can see: up to its last query (causal), from its first query's window.
@@ -214,6 +218,10 @@ def _prefill_kernel(
         visible = kv_valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible &= pos[None, :] > q_pos[:, None] - window
+        if HAS_HOLES:
+            back = q_pos[:, None] - pos[None, :]
+            bit = (holes[:, None] >> tl.minimum(tl.maximum(back, 0), 63).to(tl.int64)) & 1
+            visible &= (back >= 64) | (bit == 0)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -317,13 +325,15 @@ def paged_prefill_attention(
     _prefill_kernel[grid](
         query, k_cache, v_cache, out,
         meta.query_start, meta.seq_lens, meta.block_tables,
+        meta.attn_holes if meta.attn_holes is not None else meta.query_start,
         scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         meta.block_tables.stride(0),
         head_dim, meta.block_size, window or 0,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_WINDOW=window is not None, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        USE_WINDOW=window is not None, HAS_HOLES=meta.attn_holes is not None,
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=4,
     )
 

@@ -155,6 +155,8 @@ class StepPlan(msgspec.Struct, frozen=True, array_like=True):
     seq_lens: list[int]
     block_tables: list[list[int]]
     sample_indices: list[int]  # flat token indices whose logits are needed
+    # Tree attention (kernels/paged_attention.py): per token, keys hidden from it; empty: causal.
+    attn_holes: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -212,7 +212,24 @@ class ModelRunner:
             seq_lens_host=plan.seq_lens,
             sliding_window=self.model_config.sliding_window,
             slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
+            attn_holes=torch.tensor(plan.attn_holes, dtype=torch.int64, device=dev)
+            if plan.attn_holes else None,
+            attn_holes_host=plan.attn_holes or None,
         )
+
+    @torch.inference_mode()
+    def move_kv(self, src: list[int], dst: list[int]) -> None:
+        """Copies the K/V rows of cache slots `src` to slots `dst` in every layer: the accepted
+        branch of a verified token tree moves to where a chain would have put it. All rows are
+        read before any is written, so the two lists may overlap."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.int64, device=self.device)
+        d = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        for layer in self.attn_layers:
+            for cache in (layer.k_cache, layer.v_cache):
+                flat = cache.view(-1, *cache.shape[2:])
+                flat.index_copy_(0, d, flat.index_select(0, s))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:

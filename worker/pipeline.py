@@ -48,5 +48,6 @@ def split_plan(plan: StepPlan, pieces: int) -> list[StepPlan]:
             seq_lens=plan.seq_lens[a:b],
             block_tables=plan.block_tables[a:b],
             sample_indices=[i - t0 for i in plan.sample_indices if t0 <= i < t1],
+            attn_holes=plan.attn_holes[t0:t1],
         ))
     return out

@@ -41,6 +41,7 @@ typedef struct {
     const int32_t *tables;             /* [m, table_stride] */
     int64_t table_stride;
     const int32_t *seq_lens, *rows;    /* [m]; rows = 0 .. m-1 */
+    const uint64_t *holes;             /* [m] keys hidden per row (tree attention), or NULL */
     void *work;                        /* decode_layer_workspace_bytes() */
     int64_t bf16, num_threads;
 } TStep;
@@ -118,11 +119,11 @@ void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *re
     if (bf16)
         paged_decode_attention_bf16(q, qkv_n, L->k_cache, L->v_cache, S->tables, S->table_stride,
                                     S->seq_lens, S->rows, S->rows, m, attn, Hq * D, Hq, Hkv, D,
-                                    L->block_size, L->window, L->scale, nt);
+                                    L->block_size, L->window, L->scale, nt, S->holes);
     else
         paged_decode_attention_f32(q, qkv_n, L->k_cache, L->v_cache, S->tables, S->table_stride,
                                    S->seq_lens, S->rows, S->rows, m, attn, Hq * D, Hq, Hkv, D,
-                                   L->block_size, L->window, L->scale, nt);
+                                   L->block_size, L->window, L->scale, nt, S->holes);
     linear(&L->o, attn, m, o, fwork, bf16, nt);
     rms(o, residual_out, residual_out, L->ln2, h2, m, H, L->eps, bf16, nt);
     linear(&L->gate_up, h2, m, gu, fwork, bf16, nt);

@@ -12,6 +12,10 @@
  *   seq_lens [num_seqs] int32 context length, the query token included
  *   out      [rows, Hq, D]  (row stride given), same rows as q
  * window > 0 limits each query to its last `window` keys (Mistral's sliding window).
+ * holes (optional, one per row i, NULL: none) hides keys from a row for tree attention
+ * (speculative verification of a token tree): bit j set hides key len - 1 - j, the key j places
+ * before the row's own; keys further back than 64 are always visible. A row's own key (bit 0)
+ * and the first key of its context must stay visible.
  * Limits checked by the Python binding: Hq / Hkv <= MAX_GROUP, D <= MAX_HEAD_DIM,
  * block_size <= MAX_BLOCK.
  */
@@ -71,11 +75,17 @@ static inline void scale_add(float *y, float c, float p, const float *x, int64_t
     for (; i < d; ++i) y[i] = y[i] * c + p * x[i];
 }
 
+/* Whether key p is hidden from a row of length len with these holes. */
+static inline int hidden_key(uint64_t holes, int64_t len, int64_t p) {
+    const int64_t back = len - 1 - p;
+    return back < 64 && ((holes >> back) & 1u);
+}
+
 static inline void attend(const void *q, int64_t q_row_stride, const void *k_cache,
                           const void *v_cache, const int32_t *table, int64_t len, int64_t row,
                           int64_t h, void *out, int64_t out_row_stride, int64_t group,
                           int64_t num_kv_heads, int64_t d, int64_t block_size, int64_t window,
-                          float scale, int bf16) {
+                          float scale, int bf16, uint64_t holes) {
     const size_t esize = bf16 ? 2 : 4;
     float qf[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
     float kv[MAX_BLOCK * MAX_HEAD_DIM], s[MAX_GROUP * MAX_BLOCK], m[MAX_GROUP], l[MAX_GROUP];
@@ -101,7 +111,9 @@ static inline void attend(const void *q, int64_t q_row_stride, const void *k_cac
         const int64_t row_bytes = num_kv_heads * d * (int64_t)esize;
         for (int64_t t = 0; t < n; ++t) load_row(kv + t * d, kb + t * row_bytes, d, bf16);
         for (int64_t g = 0; g < group; ++g)
-            for (int64_t t = 0; t < n; ++t) s[g * MAX_BLOCK + t] = dot(qf + g * d, kv + t * d, d);
+            for (int64_t t = 0; t < n; ++t)
+                s[g * MAX_BLOCK + t] = holes && hidden_key(holes, len, t0 + t)
+                                           ? -INFINITY : dot(qf + g * d, kv + t * d, d);
         for (int64_t t = 0; t < n; ++t) load_row(kv + t * d, vb + t * row_bytes, d, bf16);
         for (int64_t g = 0; g < group; ++g) {
             float *sg = s + g * MAX_BLOCK, *ag = acc + g * d;
@@ -140,7 +152,7 @@ static inline __attribute__((always_inline)) void attend16(
         const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
         const int32_t *table, int64_t len, int64_t row, int64_t h, void *out,
         int64_t out_row_stride, const int64_t G, int64_t num_kv_heads, const int64_t NV,
-        int64_t block_size, int64_t window, float scale, const int bf16) {
+        int64_t block_size, int64_t window, float scale, const int bf16, uint64_t holes) {
     const size_t esize = bf16 ? 2 : 4;
     const int64_t d = NV * 16, row_elems = num_kv_heads * d;
     const int bshift = __builtin_ctzll((unsigned long long)block_size);
@@ -172,12 +184,24 @@ static inline __attribute__((always_inline)) void attend16(
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    const int64_t start = (window > 0 && len > window) ? len - window : 0;
-    for (int64_t p0 = start; p0 < len; p0 += 16) {
-        const int64_t n = len - p0 < 16 ? len - p0 : 16;
+    /* With holes (a token tree) the loop walks the visible keys only, in order, 16 at a time
+     * from the first: a tree token's keys then form the same chunks, summed in the same order,
+     * as those of the chain of its ancestors, so its result is bit for bit what decoding that
+     * chain computes. Key v of the walk is at position v below `base`, tail[v - base] above. */
+    int64_t tail[64], base = len, visible = len;
+    if (holes) {
+        base = len > 64 ? len - 64 : 0;
+        visible = base;
+        for (int64_t p = base; p < len; ++p)
+            if (!hidden_key(holes, len, p)) tail[visible++ - base] = p;
+    }
+#define KEY_POS(v) ((v) < base ? (v) : tail[(v) - base])
+    const int64_t start = (window > 0 && visible > window) ? visible - window : 0;
+    for (int64_t p0 = start; p0 < visible; p0 += 16) {
+        const int64_t n = visible - p0 < 16 ? visible - p0 : 16;
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
         for (int64_t t = 0; t < n; ++t) {
-            const int64_t p = p0 + t;
+            const int64_t p = KEY_POS(p0 + t);
             /* block_size is a power of two (checked by the binding): no divisions here. */
             const int64_t slot = ((int64_t)table[p >> bshift] << bshift) + (p & (block_size - 1));
             offs[t] = (slot * row_elems + h * d) * (int64_t)esize;
@@ -187,7 +211,8 @@ static inline __attribute__((always_inline)) void attend16(
          * prefetchers lose the stream at every block boundary (30 layers at batch 64, ~450
          * context: 108-120 ms without, 67-79 ms with; whole rows from the first head only, or
          * two chunks ahead, measured slower). */
-        for (int64_t p = p0 + 16; p < p0 + 32 && p < len; ++p) {
+        for (int64_t v = p0 + 16; v < p0 + 32 && v < visible; ++v) {
+            const int64_t p = KEY_POS(v);
             const int64_t slot = ((int64_t)table[p >> bshift] << bshift) + (p & (block_size - 1));
             const int64_t off = (slot * row_elems + h * d) * (int64_t)esize;
             for (int64_t b = 0; b < d * (int64_t)esize; b += 64) {
@@ -245,6 +270,7 @@ static inline __attribute__((always_inline)) void attend16(
             }
         }
     }
+#undef KEY_POS
     for (int64_t g = 0; g < G; ++g) {
         const __m512 inv = _mm512_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
         const int64_t o = row * out_row_stride + (h * G + g) * d;
@@ -264,9 +290,11 @@ static inline __attribute__((always_inline)) void attend16(
 #define SPECIALIZE(GV, NVV)                                                                    \
     if (group == GV && nv == NVV) {                                                           \
         if (bf16) attend16(q, q_row_stride, k_cache, v_cache, table, len, row, h, out,          \
-                           out_row_stride, GV, num_kv_heads, NVV, block_size, window, scale, 1);\
+                           out_row_stride, GV, num_kv_heads, NVV, block_size, window, scale, 1, \
+                           holes);                                                            \
         else attend16(q, q_row_stride, k_cache, v_cache, table, len, row, h, out,               \
-                      out_row_stride, GV, num_kv_heads, NVV, block_size, window, scale, 0);     \
+                      out_row_stride, GV, num_kv_heads, NVV, block_size, window, scale, 0,      \
+                      holes);                                                                 \
         return;                                                                               \
     }
 
@@ -274,13 +302,14 @@ static void attend16_dispatch(const void *q, int64_t q_row_stride, const void *k
                               const void *v_cache, const int32_t *table, int64_t len,
                               int64_t row, int64_t h, void *out, int64_t out_row_stride,
                               int64_t group, int64_t num_kv_heads, int64_t d,
-                              int64_t block_size, int64_t window, float scale, int bf16) {
+                              int64_t block_size, int64_t window, float scale, int bf16,
+                              uint64_t holes) {
     const int64_t nv = d / 16;
     SPECIALIZE(1, 4) SPECIALIZE(2, 4) SPECIALIZE(3, 4) SPECIALIZE(4, 4) SPECIALIZE(6, 4)
     SPECIALIZE(8, 4) SPECIALIZE(1, 8) SPECIALIZE(2, 8) SPECIALIZE(4, 8) SPECIALIZE(7, 8)
     SPECIALIZE(8, 8)
     attend16(q, q_row_stride, k_cache, v_cache, table, len, row, h, out, out_row_stride, group,
-             num_kv_heads, nv, block_size, window, scale, bf16);
+             num_kv_heads, nv, block_size, window, scale, bf16, holes);
 }
 #define ATTEND(D) ((D) % 16 == 0 ? attend16_dispatch : attend)
 #else
@@ -291,7 +320,8 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
                 const int32_t *tables, int64_t table_stride, const int32_t *seq_lens,
                 const int32_t *q_rows, const int32_t *seq_ids, int64_t num_rows, void *out,
                 int64_t out_row_stride, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                int64_t block_size, int64_t window, float scale, int num_threads, int bf16) {
+                int64_t block_size, int64_t window, float scale, int num_threads, int bf16,
+                const uint64_t *holes) {
     const int64_t group = num_heads / num_kv_heads;
     /* A task walks the KV heads of one sequence in turn: a token's heads share cache lines, so
      * after the first head the rest come from L2. With fewer sequences than threads, one task
@@ -304,23 +334,24 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
         const int64_t h0 = task * heads_per_task % num_kv_heads;
         const int64_t seq = seq_ids[i];
         const int32_t *table = tables + seq * table_stride;
+        const uint64_t hl = holes ? holes[i] : 0;
         for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
             /* Constant head dims let the compiler unroll the row loops. */
             switch (head_dim) {
             case 64:
                 ATTEND(64)(q, q_row_stride, k_cache, v_cache, table, seq_lens[seq], q_rows[i], h,
                            out, out_row_stride, group, num_kv_heads, 64, block_size, window,
-                           scale, bf16);
+                           scale, bf16, hl);
                 break;
             case 128:
                 ATTEND(128)(q, q_row_stride, k_cache, v_cache, table, seq_lens[seq], q_rows[i], h,
                             out, out_row_stride, group, num_kv_heads, 128, block_size, window,
-                            scale, bf16);
+                            scale, bf16, hl);
                 break;
             default:
                 ATTEND(head_dim)(q, q_row_stride, k_cache, v_cache, table, seq_lens[seq],
                                  q_rows[i], h, out, out_row_stride, group, num_kv_heads,
-                                 head_dim, block_size, window, scale, bf16);
+                                 head_dim, block_size, window, scale, bf16, hl);
             }
         }
     }
@@ -332,14 +363,14 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
               const int32_t *q_rows, const int32_t *seq_ids, int64_t num_rows, void *out,      \
               int64_t out_row_stride, int64_t num_heads, int64_t num_kv_heads,                 \
               int64_t head_dim, int64_t block_size, int64_t window, float scale,               \
-              int num_threads) {                                                               \
+              int num_threads, const uint64_t *holes) {                                        \
         run(q, q_row_stride, k_cache, v_cache, tables, table_stride, seq_lens, q_rows,         \
             seq_ids, num_rows, out, out_row_stride, num_heads, num_kv_heads, head_dim,         \
-            block_size, window, scale, num_threads, BF16);                                     \
+            block_size, window, scale, num_threads, BF16, holes);                              \
     }
 
 ENTRY(paged_decode_attention_f32, 0)
 ENTRY(paged_decode_attention_bf16, 1)
 
 /* Lets the binding check that it matches the library it loaded. */
-int paged_decode_attention_abi(void) { return 2; }
+int paged_decode_attention_abi(void) { return 3; }

@@ -63,7 +63,8 @@ def naive_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
     tables: list[list[int]], scale: float,
 ) -> torch.Tensor:
-    """Token by token, float64: gather the context's K/V page by page, mask, softmax, sum."""
+    """Token by token, float64: gather the context's K/V page by page, mask (causal, window,
+    tree holes), softmax, sum."""
     num_heads = query.shape[1]
     num_kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
     rep = num_heads // num_kv_heads
@@ -79,6 +80,10 @@ def naive_attention(
             visible = torch.arange(ctx) <= p
             if meta.sliding_window is not None:
                 visible &= torch.arange(ctx) > p - meta.sliding_window
+            if meta.attn_holes_host is not None:  # tree rows: bit d hides the key d back
+                holes = meta.attn_holes_host[q0 + j]
+                visible &= torch.tensor([not (0 < p - c < 64 and holes >> (p - c) & 1)
+                                         for c in range(ctx)])
             s[:, ~visible] = float("-inf")
             out[q0 + j] = torch.einsum("hl,lhd->hd", s.softmax(-1), v)
     return out

@@ -119,14 +119,22 @@ def test_cached_rows_equal_the_training_pass(model):
     torch.testing.assert_close(cache[1], v_ref[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["identity", "random"])
-def test_eagle_is_exact(model, heads, baseline, kind):
-    eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0, eagle_min_confidence=0.0))
+@pytest.mark.parametrize(("kind", "width"), [("identity", 1), ("random", 1), ("identity", 3),
+                                             ("random", 2)])
+def test_eagle_is_exact(model, heads, baseline, kind, width):
+    eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0, eagle_min_confidence=0.0,
+                                   eagle_tree_width=width, eagle_tree_min_prob=0.0))
+    paths = []
+    accept = eng.spec.proposer.on_tree_accept
+    eng.spec.proposer.on_tree_accept = lambda seq, path: (paths.append(path), accept(seq, path))
     assert run(eng) == baseline
     m = eng.spec.metrics
     assert m.proposed_tokens > 0
+    assert bool(paths) == (width > 1)  # trees were drafted and walked
     if kind == "identity":  # acceptance, partial acceptance and rejection all happened
         assert 0 < m.accepted_tokens < m.proposed_tokens
+    if width > 1 and kind == "identity":  # branches other than the first were accepted
+        assert any(p != list(range(len(p))) for p in paths)
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
     assert not eng.spec.proposer._states  # freed with their sequences
     fused = eng.spec.proposer.layer
@@ -158,13 +166,16 @@ def test_eagle_exact_with_prefix_hits_and_preemption(model, heads, baseline):
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
+@pytest.mark.parametrize("width", [1, 3])
 @pytest.mark.parametrize("backend", ["fused", "torch"])
-def test_head_sees_the_targets_features_at_the_right_positions(model, heads, backend):
+def test_head_sees_the_targets_features_at_the_right_positions(model, heads, backend, width):
     """After a run with accepted and rejected proposals, the head's KV cache must be what one
     pass over the committed tokens, fed the target's own hidden states, computes: through the
-    fused C layer over its paged pool, and through torch ops over per-sequence tensors."""
+    fused C layer over its paged pool, and through torch ops over per-sequence tensors. With
+    trees, the features of the accepted branch must be the ones kept."""
     eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
-                                   eagle_min_confidence=0.0))
+                                   eagle_min_confidence=0.0, eagle_tree_width=width,
+                                   eagle_tree_min_prob=0.0))
     proposer = eng.spec.proposer
     fused = isinstance(proposer.layer, FusedEagleLayer)
     assert fused == FusedEagleLayer.supported(proposer.head)
@@ -287,3 +298,53 @@ def test_eagle_is_exact_on_cuda(model, heads):
     assert isinstance(eng.spec.proposer.layer, TorchEagleLayer)
     assert run(eng) == run(make_engine(model, None, device="cuda"))
     assert eng.spec.metrics.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
+    """Each node of a drafted tree is among the head's likeliest tokens after its own branch,
+    replayed alone as a chain: the head's attention over its scratch rows is masked to the
+    node's ancestors (siblings and cousins drafted in the same calls are invisible)."""
+    from types import SimpleNamespace
+
+    from worker.spec.eagle_proposer import _EagleState
+
+    width = 3
+    eng = make_engine(model, eagle(heads["random"], eagle_tree_width=width,
+                                   eagle_tree_min_prob=0.0))
+    prop = eng.spec.proposer
+    if backend == "torch":
+        prop.layer = TorchEagleLayer(prop.head)
+    elif not isinstance(prop.layer, FusedEagleLayer):
+        pytest.skip("the fused decode layer is not built here")
+    torch.manual_seed(3)
+    last = torch.randn(prop.head.cfg.hidden_size)
+    with torch.inference_mode():
+        prop.head.head *= 6  # peakier guesses than a random head's: the tree grows deeper
+        prop.head.o_proj.weight *= 30  # and attention that moves them
+        if isinstance(prop.layer, FusedEagleLayer):  # its layer holds its own weight copies
+            prop.layer = FusedEagleLayer(prop.head, 1 << 20, 256)
+        tree = prop._tree(SimpleNamespace(num_tokens=5), _EagleState(prop.layer.new_cache()),
+                          last, 12)
+        tokens, parents = tree.token_ids, tree.parents
+        assert len(tokens) == 12 and max(d for d in _depths(parents)) >= 3
+        to_target = torch.tensor(prop.head.cfg.vocab)
+        for i in range(len(tokens)):
+            branch = [i]
+            while parents[branch[-1]] >= 0:
+                branch.append(parents[branch[-1]])
+            branch.reverse()
+            feats = [last]
+            for j in range(len(branch)):
+                top = to_target[prop.head.logits(feats[j]).topk(width).indices].tolist()
+                assert tokens[branch[j]] in top, f"node {branch[j]} of branch {branch}"
+                ids = torch.tensor([tokens[b] for b in branch[:j + 1]])
+                g, _, _ = prop.head.layer(ids[None], torch.stack(feats)[None],
+                                          torch.arange(5, 6 + j))
+                feats.append(g[0, -1])
+
+
+def _depths(parents):
+    from worker.spec.tree import depths
+
+    return depths(parents)

@@ -28,7 +28,28 @@ def test_generate_flags_parse():
     assert args.speculative == "ngram" and args.num_speculative_tokens == 2
 
 
+def test_speculative_config_flag_reaches_generate_and_serve():
+    cli = ["--speculative", "eagle", "--num-speculative-tokens", "5",
+           "--speculative-config", '{"eagle_tree_width": 3, "num_speculative_tokens": 9}']
+    args = build_parser().parse_args(["generate", "--prompt", "x", *cli])
+    spec = speculative_config(args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                              options=args.speculative_config)
+    # the dedicated flag wins over the same field in the JSON
+    assert (spec.method, spec.eagle_tree_width, spec.num_speculative_tokens) == ("eagle", 3, 5)
+    served = build_serve_config(None, serve_overrides(build_parser().parse_args(["serve", *cli])))
+    assert (served.engine.speculative.eagle_tree_width,
+            served.engine.speculative.num_speculative_tokens) == (3, 5)
+
+
 def test_flag_errors_are_clear():
+    with pytest.raises(ValueError, match="need --speculative"):
+        speculative_config(None, options={"eagle_tree_width": 2})
+    with pytest.raises(ValueError, match=r"the fields are: .*eagle_tree_width"):
+        speculative_config("eagle", options={"eagle_tree_wdith": 2})
+    with pytest.raises(ValueError, match="eagle_tree_width must be in"):
+        speculative_config("eagle", options={"eagle_tree_width": 0})
+    with pytest.raises(SystemExit):  # argparse: not a JSON object
+        build_parser().parse_args(["generate", "--prompt", "x", "--speculative-config", "[1]"])
     with pytest.raises(ValueError, match="need --speculative"):
         speculative_config(None, draft_model="/d")
     with pytest.raises(ValueError, match="num_speculative_tokens"):

@@ -145,7 +145,8 @@ class LlamaModel(nn.Module):
         residual = None
         if (stack := self.fused_layers(x, meta)) is not None:
             step = fused.StepSpec.for_tokens(positions, meta.slot_mapping, meta.block_tables,
-                                             meta.query_start_host, stack.specs[0])
+                                             meta.query_start_host, meta.seq_lens_host,
+                                             stack.specs[0], meta.attn_holes)
             x, residual = fused.run_layers(stack, step, x)
         else:
             for layer in self.layers[self.start:self.end]:

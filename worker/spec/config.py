@@ -38,6 +38,11 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # eagle: the n-gram lookup's proposal wins where it runs to at least this many tokens
     # (copying and loops); 0: the head alone
     eagle_ngram_min_tokens: int = 2
+    # eagle: draft a token tree this wide (each node's likeliest next tokens), verified in one
+    # forward (worker/spec/tree.py); 1: a chain. Greedy requests only; others get chains.
+    eagle_tree_width: int = 1
+    # eagle trees: stop growing when the likeliest unexpanded branch is less likely than this
+    eagle_tree_min_prob: float = 0.1
     max_batch_size: int = 8  # more running sequences than this: no speculation this step
     # The most tokens a speculative step scores, proposals included: k per sequence is cut to
     # this // (decoding sequences) - 1. None: resolved where the engine is built
@@ -67,6 +72,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         need(self.min_acceptance is None or 0 <= self.min_acceptance < 1,
              "min_acceptance must be in [0, 1)")
         need(0 <= self.eagle_min_confidence < 1, "eagle_min_confidence must be in [0, 1)")
+        need(1 <= self.eagle_tree_width <= 8,
+             f"eagle_tree_width must be in [1, 8] (got {self.eagle_tree_width})")
+        need(0 <= self.eagle_tree_min_prob < 1, "eagle_tree_min_prob must be in [0, 1)")
         need(self.eagle_ngram_min_tokens >= 0,
              f"eagle_ngram_min_tokens must be >= 0 (got {self.eagle_ngram_min_tokens})")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")

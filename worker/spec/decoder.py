@@ -9,6 +9,12 @@ The engine asks three things of it each step (worker/engine.py):
 3. sample(logits, batch, sampler): verification (verifier.py) for sequences with a proposal, the
    ordinary sampler for the rest; returns the tokens each sequence emits this step.
 
+Token trees (worker/spec/tree.py): a proposal with parents is scored in the same forward, each
+token at position root + depth under a tree mask (StepPlan.attn_holes). Greedy requests without
+penalties walk the tree; the accepted branch's K/V then move into the chain's slots
+(`move_kv`, the runner's). Other requests, and engines whose runner cannot move K/V (tensor or
+pipeline parallel), verify the tree's first branch as a chain.
+
 k per sequence follows an EMA of its acceptance rate alpha: the j-th proposed token is only used
 if the j before it were accepted (probability alpha^j, Leviathan et al. 2023, eq. 1), so k is
 the largest j with alpha^j >= min_acceptance. Below min_acceptance a sequence stops proposing
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import torch
 
+from kernels.argmax import argmax_rows
 from protos.messages import SampledLogprobs, StepPlan, TokenLogprob
 from worker.sampler import Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
@@ -33,6 +41,7 @@ from worker.sequence import Sequence
 from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.processing import RowContext, history_rows, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
+from worker.spec.tree import depths, first_branch, is_chain, tree_holes, walk_greedy
 from worker.spec.verifier import verify_greedy, verify_sampled
 
 _PRIOR_ACCEPTANCE = 0.6  # a new sequence starts here (k=2 with the default min_acceptance)
@@ -78,7 +87,9 @@ class SpecBatch:
 
 class SpecDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, eos_token_ids: list[int],
-                 max_model_len: int, vocab_size: int) -> None:
+                 max_model_len: int, vocab_size: int, *,
+                 move_kv: Callable[[list[int], list[int]], None] | None = None,
+                 block_size: int = 16) -> None:
         if config.min_acceptance is None:  # unresolved (worker/spec/factory.py resolves it)
             config = msgspec.structs.replace(config, min_acceptance=GATED_MIN_ACCEPTANCE)
         self.config = config
@@ -87,6 +98,9 @@ class SpecDecoder:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.metrics = SpecMetrics()
+        # Copies K/V between cache slots in every layer (ModelRunner.move_kv); None: no trees.
+        self.move_kv = move_kv
+        self.block_size = block_size
         self._state: dict[str, _SeqState] = {}
         self._ks: dict[str, int] = {}
 
@@ -141,10 +155,16 @@ class SpecDecoder:
         if cands:
             t0 = time.perf_counter()
             for seq, k, prop in zip(cands, ks, self.proposer.propose(cands, ks)):
-                tokens = prop.token_ids[:k]
+                tokens, parents = prop.token_ids[:k], prop.parents
+                if parents is not None:
+                    parents = parents[:len(tokens)]
+                    if is_chain(parents):
+                        parents = None
+                    elif not self._tree_ok(seq):
+                        tokens, parents = first_branch(tokens, parents), None
                 if tokens and all(0 <= t < self.vocab_size for t in tokens):
                     probs = prop.probs[:len(tokens)] if prop.probs is not None else None
-                    props[id(seq)] = Proposal(list(tokens), probs)
+                    props[id(seq)] = Proposal(list(tokens), probs, parents)
             self.metrics.proposer_seconds += time.perf_counter() - t0
             self.metrics.spec_steps += 1
 
@@ -162,6 +182,8 @@ class SpecDecoder:
             for seq, m in appended:  # proposals are input only; committed tokens stay as they were
                 del seq.token_ids[-m:]
 
+        if any(p.parents is not None for p in props.values()):
+            plan = self._tree_layout(plan, sched, props)
         batch = SpecBatch()
         rows: list[int] = []
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
@@ -172,6 +194,27 @@ class SpecDecoder:
             batch.rows.append(_Row(seq, len(rows), prop))
             rows.extend(range(end - 1 - len(prop.token_ids), end))
         return msgspec.structs.replace(plan, sample_indices=rows), batch
+
+    def _tree_ok(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (self.move_kv is not None and p.greedy and not p.has_penalties
+                and not p.min_tokens)
+
+    @staticmethod
+    def _tree_layout(plan: StepPlan, sched: SchedulerOutput,
+                     props: dict[int, Proposal]) -> StepPlan:
+        """Tree tokens sit at position root + depth and see only their ancestors."""
+        positions = list(plan.positions)
+        holes = [0] * len(positions)
+        for i, seq in enumerate(sched.seqs):
+            prop = props.get(id(seq))
+            if prop is None or prop.parents is None:
+                continue
+            root = plan.query_start[i + 1] - 1 - len(prop.token_ids)
+            for j, d in enumerate(depths(prop.parents)):
+                positions[root + 1 + j] = positions[root] + d
+            holes[root:root + 1 + len(prop.parents)] = tree_holes(prop.parents)
+        return msgspec.structs.replace(plan, positions=positions, attn_holes=holes)
 
     # -- 3. verification --------------------------------------------------------------------
 
@@ -203,6 +246,8 @@ class SpecDecoder:
             ctxs = [RowContext(params, h, seq.num_prompt_tokens)
                     for h in history_rows(seq.token_ids, drafts, m + 1)]
             penalized(block, ctxs, self.eos_token_ids)
+        if row.proposal.parents is not None:
+            return self._verify_tree(block, raw, row)
         if params.greedy:
             emitted = verify_greedy(block, drafts)
         else:
@@ -218,7 +263,32 @@ class SpecDecoder:
         logp = raw.log_softmax(-1)
         return emitted, [_logprob(logp[j], t, params.logprobs) for j, t in enumerate(emitted)]
 
-    def _record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+    def _verify_tree(self, block: torch.Tensor, raw: torch.Tensor | None,
+                     row: _Row) -> tuple[list[int], list[SampledLogprobs | None]]:
+        seq, drafts, parents = row.seq, row.proposal.token_ids, row.proposal.parents
+        assert parents is not None and self.move_kv is not None
+        emitted, path = walk_greedy(argmax_rows(block).tolist(), drafts, parents)
+        # The accepted branch's K/V move to the slots a chain would have used: the root is
+        # the sequence's last committed token, at index n - 1.
+        n, bs, table = seq.num_tokens, self.block_size, seq.block_table
+        moves = [(n + node, n + j) for j, node in enumerate(path) if node != j]
+        if moves:
+            self.move_kv([table[s // bs] * bs + s % bs for s, _ in moves],
+                         [table[d // bs] * bs + d % bs for _, d in moves])
+        # Acceptance per tree is measured against its depth, the chain it stands in for.
+        self._record(seq, len(drafts), len(path), max(depths(parents)))
+        self.proposer.on_tree_accept(seq, path)
+        self.proposer.on_accept(seq, len(path))
+        if raw is None:
+            return emitted, [None] * len(emitted)
+        logp = raw.log_softmax(-1)
+        scored = [0] + [node + 1 for node in path]  # the verify row each emitted token is from
+        lps: list[SampledLogprobs | None] = [
+            _logprob(logp[r], t, seq.params.logprobs) for r, t in zip(scored, emitted)]
+        return emitted, lps
+
+    def _record(self, seq: Sequence, proposed: int, accepted: int,
+                depth: int | None = None) -> None:
         m = self.metrics
         m.proposed_tokens += proposed
         m.accepted_tokens += accepted
@@ -226,7 +296,7 @@ class SpecDecoder:
         m.emitted_tokens += accepted + 1
         st = self._state.setdefault(seq.request_id, _SeqState())
         d = self.config.ema_decay
-        st.ema = d * st.ema + (1 - d) * accepted / proposed
+        st.ema = d * st.ema + (1 - d) * accepted / (depth or proposed)
         if st.ema >= self.config.min_acceptance:
             st.idle = 0
 

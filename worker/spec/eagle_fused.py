@@ -85,19 +85,21 @@ class FusedEagleLayer:
                      for c in (self.k_cache, self.v_cache))
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-              blocks: list[int], first_row: int) -> torch.Tensor:
+              blocks: list[int], first_row: int,
+              holes: torch.Tensor | None = None) -> torch.Tensor:
         """Feature guesses for len(tokens) rows stored at rows first_row.. of this sequence's
         cache (blocks must cover them); each row attends to rows 0..itself. A long catch-up
         (the prompt, after a prefill) runs in chunks of the kernel's row limit; each chunk's
-        rows are in the pool before the next one attends to them."""
+        rows are in the pool before the next one attends to them. `holes` ([rows] int64, tree
+        drafting) hides keys from rows as in kernels/paged_attention.py."""
         step = self.max_rows
         outs = [self._rows(tokens[a:a + step], features[a:a + step], positions[a:a + step],
-                           blocks, first_row + a)
+                           blocks, first_row + a, None if holes is None else holes[a:a + step])
                 for a in range(0, tokens.numel(), step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _rows(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-              blocks: list[int], first_row: int) -> torch.Tensor:
+              blocks: list[int], first_row: int, holes: torch.Tensor | None) -> torch.Tensor:
         head = self.head
         m = tokens.numel()
         x = head.fuse_input(tokens, features)
@@ -105,6 +107,6 @@ class FusedEagleLayer:
         table = torch.tensor(blocks, dtype=torch.int32)
         slots = table[rows // BLOCK].to(torch.int64) * BLOCK + rows % BLOCK
         step = fused.StepSpec(positions.to(torch.int64), slots, table.expand(m, -1),
-                              (rows + 1).to(torch.int32), self.spec)
+                              (rows + 1).to(torch.int32), self.spec, holes)
         out, residual = fused.run_layer(self.spec, step, x.contiguous(), None)
         return rms_norm(out + residual, head.out_norm.weight, head.out_norm.eps)

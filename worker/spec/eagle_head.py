@@ -60,9 +60,11 @@ def _lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, layer.weight)
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            holes: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of t new rows ([heads, t, d], the last t of the keys) over [kv_heads, L, d]
-    keys and values, causal among the new rows. Two batched matmuls over the query heads
+    keys and values, causal among the new rows; `holes` ([t] int64, tree drafting) hides more
+    keys as in kernels/paged_attention.py. Two batched matmuls over the query heads
     grouped by KV head: a few rows against a few hundred keys is all overhead in torch's SDPA
     (its generic path repeats the KV heads and builds a float mask)."""
     heads, t, d = q.shape
@@ -76,6 +78,12 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.
     if t > 1:
         blocked = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores[:, :, length - t:].masked_fill_(blocked.repeat(group, 1), float("-inf"))
+    if holes is not None:
+        own = torch.arange(length - t, length, device=q.device).unsqueeze(1)
+        back = own - torch.arange(length, device=q.device).unsqueeze(0)  # [t, L]
+        hidden = (back >= 0) & (back < 64) & (
+            (holes.unsqueeze(1) >> back.clamp(0, 63)) & 1).bool()
+        scores.view(kv, group, t, length).masked_fill_(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.bmm(probs, values).view(heads, t, d).to(dtype)
 
@@ -139,12 +147,14 @@ class EagleHead(nn.Module):
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+              holes: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows [..., T] of tokens and the features before them -> (feature guesses, k, v).
 
         Without `cache` the rows are whole sequences ([B, T]) under a causal mask. With it,
         `tokens` is [T] new rows of one sequence that attend to the cached keys and values
-        ([kv_heads, L, head_dim] each) and to each other causally."""
+        ([kv_heads, L, head_dim] each) and to each other causally, minus `holes` (tree
+        drafting: kernels/paged_attention.py)."""
         cfg = self.cfg
         x = self.fuse_input(tokens, features)
         h = _norm(self.input_norm, x)
@@ -161,7 +171,8 @@ class EagleHead(nn.Module):
         if cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            a = _attend(q, torch.cat((cache[0], k), dim=-2), torch.cat((cache[1], v), dim=-2))
+            a = _attend(q, torch.cat((cache[0], k), dim=-2), torch.cat((cache[1], v), dim=-2),
+                        holes)
         x = x + _lin(self.o_proj, a.transpose(-3, -2).reshape(*lead, -1))
         gate, up = _lin(self.gate_up, _norm(self.post_attention_norm, x)).chunk(2, dim=-1)
         x = x + _lin(self.down, F.silu(gate) * up)
@@ -202,9 +213,11 @@ class TorchEagleLayer:
         return cache[0][:, :rows], cache[1][:, :rows]
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-              cache: list[torch.Tensor], first_row: int) -> torch.Tensor:
+              cache: list[torch.Tensor], first_row: int,
+              holes: torch.Tensor | None = None) -> torch.Tensor:
         g, k, v = self.head.layer(tokens, features, positions,
-                                  cache=(cache[0][:, :first_row], cache[1][:, :first_row]))
+                                  cache=(cache[0][:, :first_row], cache[1][:, :first_row]),
+                                  holes=holes)
         end = first_row + tokens.numel()
         cache[0][:, first_row:end], cache[1][:, first_row:end] = k, v
         return g

@@ -11,10 +11,19 @@ nothing to undo: the next catch-up starts from committed tokens and true feature
 Positions whose features the proposer never saw (a prefix-cache hit, steps too large to
 speculate) are simply absent from the head's cache: drafts get worse there, never wrong, since
 the target verifies every token.
+
+With `tree_width` > 1 (greedy requests) the draft is a token tree, as in EAGLE-2 (Li et al.
+2024b): at each depth the `tree_width` most likely nodes so far (by the product of the head's
+probabilities along their branch) are expanded in one call of the head, each into its
+`tree_width` most likely next tokens; the proposal is the k most likely nodes of all, leaving
+out those less likely than `tree_min_prob`. The
+head's attention over its scratch rows is masked to each node's own ancestors, as the
+target's is when it verifies the tree (worker/spec/tree.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +34,7 @@ from worker.sequence import Sequence
 from worker.spec.eagle_fused import FusedEagleLayer
 from worker.spec.eagle_head import EagleHead, TorchEagleLayer
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
+from worker.spec.tree import MAX_TREE_TOKENS
 
 DraftLayer = FusedEagleLayer | TorchEagleLayer
 
@@ -37,6 +47,18 @@ class _EagleState:
     last: torch.Tensor | None = None  # the head's feature guess at position done-1
     # Observed target features not yet used: (position of the first row, rows).
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Node:
+    """A token of a draft tree."""
+
+    token: int  # target vocabulary
+    parent: int  # index of the parent node, -1: the root (the last committed token)
+    logp: float  # log probability of the branch from the root down to this token
+    depth: int
+    feat: torch.Tensor  # the feature guess this token was read from (its parent's output)
+    row: int = -1  # its scratch row in the head's cache once expanded
 
 
 class EagleProposer(Proposer):
@@ -56,7 +78,8 @@ class EagleProposer(Proposer):
     def __init__(self, head: EagleHead, *, min_confidence: float = 0.3,
                  max_batch_size: int = 8, max_pending: int = 4096,
                  ngram: NgramProposer | None = None, ngram_min_tokens: int = 2,
-                 layer: DraftLayer | None = None) -> None:
+                 layer: DraftLayer | None = None, tree_width: int = 1,
+                 tree_min_prob: float = 0.1) -> None:
         self.head = head.eval()
         # the fused C layer over its own KV pool where it runs, else torch ops
         self.layer = layer if layer is not None else TorchEagleLayer(head)
@@ -66,6 +89,8 @@ class EagleProposer(Proposer):
         self.min_confidence = min_confidence
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
+        self.tree_width = tree_width
+        self.tree_min_prob = tree_min_prob
         p = next(iter(head.parameters()))
         self._dtype, self._device = p.dtype, p.device
         # on the head's device, as are the positions and tokens it is given (CUDA included)
@@ -87,6 +112,19 @@ class EagleProposer(Proposer):
             while sum(len(r) for _, r in st.pending) > self.max_pending:
                 st.pending.pop(0)
 
+    def on_tree_accept(self, seq: Sequence, path: list[int]) -> None:
+        """A verified tree's rows were the root and then its tokens: keep the root's and the
+        accepted branch's features, in position order, as a chain's would be."""
+        st = self._states.get(seq.request_id)
+        root = seq.num_tokens - 1
+        if st is None:
+            return
+        for i, (first, rows) in enumerate(st.pending):
+            if first == root:
+                keep = torch.tensor([0] + [node + 1 for node in path], device=rows.device)
+                st.pending[i] = (first, rows.index_select(0, keep))
+                return
+
     # -- proposals ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -103,6 +141,9 @@ class EagleProposer(Proposer):
         last = self._catch_up(seq, st)
         if last is None or k <= 0:
             return NO_PROPOSAL
+        p = seq.params
+        if self.tree_width > 1 and p.greedy and not p.has_penalties and not p.min_tokens:
+            return self._tree(seq, st, last, k)
         if not self.layer.reserve(st.cache, st.rows + k):
             return NO_PROPOSAL  # the head's KV pool is full: no scratch rows for a rollout
         feat, pos = last, seq.num_tokens - 1
@@ -125,6 +166,68 @@ class EagleProposer(Proposer):
             feat = g[0]
         self.proposals["head"] += 1
         return Proposal(out)
+
+    def _tree(self, seq: Sequence, st: _EagleState, last: torch.Tensor, k: int) -> Proposal:
+        width = self.tree_width
+        max_rows = min(MAX_TREE_TOKENS, width * k)
+        if not self.layer.reserve(st.cache, st.rows + max_rows):
+            return NO_PROPOSAL
+        root_pos = seq.num_tokens - 1
+        nodes: list[_Node] = []
+        frontier = self._expand(nodes, [-1], last.view(1, -1), 1)
+        used = 0  # scratch rows
+        while frontier:
+            frontier.sort(key=lambda i: -nodes[i].logp)
+            chosen = frontier[:width]
+            best = nodes[chosen[0]].logp
+            depth = nodes[chosen[0]].depth
+            if (math.exp(best) < self.tree_min_prob or depth >= k
+                    or used + len(chosen) > max_rows
+                    or root_pos + depth >= self.layer.max_position):
+                break
+            if len(nodes) >= k and best <= sorted((n.logp for n in nodes), reverse=True)[k - 1]:
+                break  # a child is never likelier than its parent: none would be among the k
+            holes = []
+            for j, i in enumerate(chosen):
+                mine, a = set(), nodes[i].parent
+                while a >= 0:
+                    mine.add(nodes[a].row)
+                    a = nodes[a].parent
+                r = used + j
+                holes.append(sum(1 << (r - q) for q in range(r) if q not in mine))
+            g = self.layer.layer(
+                torch.tensor([nodes[i].token for i in chosen], device=self._device),
+                torch.stack([nodes[i].feat for i in chosen]),
+                torch.full((len(chosen),), root_pos + depth, device=self._device),
+                st.cache, st.rows + used, torch.tensor(holes, device=self._device))
+            for j, i in enumerate(chosen):
+                nodes[i].row = used + j
+            used += len(chosen)
+            frontier = self._expand(nodes, chosen, g, depth + 1)
+        # The k likeliest tokens, but none the head gives less than tree_min_prob: a verify row
+        # costs ~2.5% of a decode here, so an unlikely token costs more than it brings.
+        ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[:k]
+        floor = math.log(self.tree_min_prob) if self.tree_min_prob > 0 else -math.inf
+        keep = sorted(ranked[:1] + [i for i in ranked[1:] if nodes[i].logp >= floor])
+        index = {old: new for new, old in enumerate(keep)}
+        self.proposals["head"] += 1
+        return Proposal([nodes[i].token for i in keep],
+                        parents=[index.get(nodes[i].parent, -1) for i in keep])
+
+    def _expand(self, nodes: list[_Node], parents: list[int], feats: torch.Tensor,
+                depth: int) -> list[int]:
+        """Adds the tree_width likeliest next tokens under each parent (-1: the root), read
+        off the feature guesses `feats` (one row per parent); returns the new nodes."""
+        logp = torch.log_softmax(self.head.logits(feats).float(), dim=-1)
+        top, idx = logp.topk(self.tree_width, dim=-1)
+        tokens = self._to_target[idx].tolist()
+        new = []
+        for j, parent in enumerate(parents):
+            base = nodes[parent].logp if parent >= 0 else 0.0
+            for lp, tok in zip(top[j].tolist(), tokens[j]):
+                nodes.append(_Node(tok, parent, base + lp, depth, feats[j]))
+                new.append(len(nodes) - 1)
+        return new
 
     def _catch_up(self, seq: Sequence, st: _EagleState) -> torch.Tensor | None:
         """Runs the head over committed positions it has target features for; returns its

@@ -58,7 +58,9 @@ def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
         if FusedEagleLayer.supported(head) else None
     return EagleProposer(head, min_confidence=config.eagle_min_confidence,
                          max_batch_size=config.max_batch_size, ngram=ngram,
-                         ngram_min_tokens=config.eagle_ngram_min_tokens, layer=layer)
+                         ngram_min_tokens=config.eagle_ngram_min_tokens, layer=layer,
+                         tree_width=config.eagle_tree_width,
+                         tree_min_prob=config.eagle_tree_min_prob)
 
 
 def build_proposer(config: SpeculativeConfig, engine: Any,
@@ -120,5 +122,9 @@ def build_spec_decoder(config: SpeculativeConfig, engine: Any,
     config = resolve_max_step_tokens(config, engine.runner.device, engine.runner.dtype)
     proposer = build_proposer(config, engine, draft_actors)
     engine.runner.keep_hidden = proposer.wants_features
+    # Token trees need the accepted branch's K/V moved in every layer: one process holds them
+    # all only without parallelism (ModelRunner.move_kv; ParallelRunner has none).
     return SpecDecoder(config, proposer, engine.eos_token_ids, engine.max_model_len,
-                       engine.model_config.vocab_size)
+                       engine.model_config.vocab_size,
+                       move_kv=getattr(engine.runner, "move_kv", None),
+                       block_size=engine.config.block_size)

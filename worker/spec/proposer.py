@@ -22,10 +22,12 @@ from worker.sequence import Sequence
 class Proposal(NamedTuple):
     """Proposed token ids (target vocabulary) and the draft distribution q each was drawn from:
     float32 [len(token_ids), vocab], or None for a point mass at each token (greedy requests,
-    n-gram lookup)."""
+    n-gram lookup). `parents` makes the proposal a token tree (worker/spec/tree.py): the parent
+    of each token, -1 for the sequence's last committed token; None is a chain."""
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
+    parents: list[int] | None = None
 
 
 NO_PROPOSAL = Proposal([])
@@ -44,6 +46,10 @@ class Proposer(ABC):
     - observe(seqs, plan, hidden): only for proposers that set `wants_features`: after every
       forward, the target's final hidden states of all the plan's rows (seqs are the plan's
       sequences, in its order).
+    - on_tree_accept(seq, path): after a tree proposal was verified, before on_accept: the
+      indices of its accepted tokens, root to leaf (a proposer that never proposes trees never
+      gets it). A tree may come back cut to its first branch (sampled requests): then it is
+      verified as that chain.
     A proposer must never raise for one sequence's sake: it returns no proposal instead.
     """
 
@@ -57,6 +63,9 @@ class Proposer(ABC):
         pass
 
     def rollback(self, seq: Sequence, num_tokens: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_tree_accept(self, seq: Sequence, path: list[int]) -> None:  # noqa: B027 - optional
         pass
 
     def free(self, seq: Sequence) -> None:  # noqa: B027 - optional hook

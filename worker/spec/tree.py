@@ -1,0 +1,85 @@
+"""Token trees for speculative decoding: one verify forward scores several guesses at once.
+
+A tree proposal is a list of tokens and, for each, its parent: -1 for the root (the sequence's
+last committed token, which the step feeds first) or the index of an earlier token, so parents
+always come before their children. The verify step feeds the root and then the tokens in that
+order; each token sits at position root + depth and attends to the past and its own ancestors
+only (`tree_holes`, kernels/paged_attention.py). Greedy verification walks down from the root:
+at each node the target's argmax is compared with the node's children and the matching child,
+if any, is accepted. The accepted branch's K/V then move to where a chain would have put them
+(ModelRunner.move_kv), so the next step sees an ordinary sequence.
+
+A chain is the tree [-1, 0, 1, ...]. Trees hold at most 63 tokens: the mask of a row is 64 bits.
+"""
+
+from __future__ import annotations
+
+MAX_TREE_TOKENS = 63
+
+
+def is_chain(parents: list[int]) -> bool:
+    return all(p == i - 1 for i, p in enumerate(parents))
+
+
+def depths(parents: list[int]) -> list[int]:
+    """Depth of each token below the root (the root's children are at depth 1)."""
+    out: list[int] = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
+
+
+def validate(parents: list[int]) -> None:
+    if len(parents) > MAX_TREE_TOKENS:
+        raise ValueError(f"a token tree holds at most {MAX_TREE_TOKENS} tokens, got {len(parents)}")
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"token {i} has parent {p}: parents must come before their children")
+
+
+def tree_holes(parents: list[int]) -> list[int]:
+    """Per verify row (the root, then each token): bit j set hides the row j places back."""
+    rows = [0]  # ancestor bitmask per row, over rows (bit r = row r); row 0 is the root
+    ancestors = [1]
+    for i, p in enumerate(parents):
+        ancestors.append(ancestors[p + 1] | (1 << (i + 1)))
+    for r in range(1, len(parents) + 1):
+        hidden = ((1 << (r + 1)) - 1) & ~ancestors[r]
+        # bit (r - k) for each hidden row k
+        rows.append(sum(1 << (r - k) for k in range(r + 1) if hidden >> k & 1))
+    return rows
+
+
+def walk_greedy(best: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """(emitted tokens, indices of the accepted tree tokens): `best` is the target's argmax at each
+    verify row (root first). The emitted tokens are the accepted ones and the target's own
+    token after them, exactly what greedy decoding would produce."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    node, path, emitted = -1, [], []
+    while True:
+        want = best[node + 1]
+        nxt = next((c for c in children.get(node, ()) if tokens[c] == want), None)
+        emitted.append(want)
+        if nxt is None:
+            return emitted, path
+        path.append(nxt)
+        node = nxt
+
+
+def first_branch(tokens: list[int], parents: list[int]) -> list[int]:
+    """The chain that follows each node's first child from the root: what a tree becomes where
+    it cannot be verified as one (sampled requests)."""
+    out: list[int] = []
+    node = -1
+    for i, p in enumerate(parents):
+        if p == node:
+            out.append(tokens[i])
+            node = i
+    return out
+
+
+def cut(tokens: list[int], parents: list[int], n: int) -> tuple[list[int], list[int]]:
+    """The first n tokens of a tree: still a tree, since parents come first."""
+    return tokens[:n], parents[:n]

@@ -187,6 +187,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     spec_verifications_total: int = 0
     spec_emitted_tokens_total: int = 0
     spec_proposer_seconds_total: float = 0.0
+    spec_gated_steps_total: int = 0  # steps the measured gate ran plain (worker/spec/gate.py)
 
     @property
     def kv_usage(self) -> float:

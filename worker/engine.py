@@ -164,6 +164,8 @@ class Engine:
             tokens = [[t] for t in sampled.token_ids]
             lps = [[lp] for lp in sampled.logprobs]
         deltas.extend(self._postprocess(sched, sampling, tokens, lps, trim=k > 0))
+        if self.spec is not None:
+            self.spec.end_step(time.perf_counter() - t0, sum(map(len, tokens)))
         self.times.steps += 1
         self.times.model += model_time
         self.times.total += time.perf_counter() - t0

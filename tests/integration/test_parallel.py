@@ -60,7 +60,9 @@ def make_llm(model_dir: Path, tp: int = 1, pp: int = 1,
     layers = pp_layers or [ModelConfig.from_hf_dir(model_dir).num_layers // pp] * pp
     return LLM(str(model_dir), dtype="float32", block_size=BLOCK, num_threads=1,
                kv_cache_bytes=kv_bytes(model_dir, tp, layers), tensor_parallel_size=tp,
-               pipeline_parallel_size=pp, pipeline_layers=pp_layers, speculative=speculative)
+               pipeline_parallel_size=pp, pipeline_layers=pp_layers, speculative=speculative,
+               # every step speculates: the gate would turn it off for a model this cheap
+               speculative_options={"measure_gate": False} if speculative else None)
 
 
 # KV heads matter only for TP: 4 KV heads are split over 2 ranks; 1 KV head is replicated.

@@ -79,10 +79,12 @@ def make_engine(model: Path, spec: SpeculativeConfig | None, **kw) -> Engine:
 
 
 def eagle(head: Path, **kw) -> SpeculativeConfig:
-    """The head alone unless a test asks for the n-gram lookup beside it; no step budget, so
-    that every sequence of the batch drafts up to k tokens."""
+    """The head alone unless a test asks for the n-gram lookup beside it; no step budget and no
+    measured gate (a head as big as the tiny target's layers never pays), so that every
+    sequence of the batch drafts up to k tokens every step."""
     return SpeculativeConfig(method="eagle", draft_model=str(head),
-                             **{"eagle_ngram_min_tokens": 0, "max_step_tokens": 1 << 10, **kw})
+                             **{"eagle_ngram_min_tokens": 0, "max_step_tokens": 1 << 10,
+                                "measure_gate": False, **kw})
 
 
 def run(engine: Engine, max_tokens: int = 24, tag: str = "r") -> list[list[int]]:

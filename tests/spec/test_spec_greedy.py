@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from protos.messages import Request
@@ -26,7 +27,11 @@ def model(tiny_model_dir):
     return tiny_model_dir("llama-gqa")
 
 
-def make_engine(model, spec: SpeculativeConfig | None, **kw) -> Engine:
+def make_engine(model, spec: SpeculativeConfig | None, gate: bool = False, **kw) -> Engine:
+    """Without the measured gate unless asked: these tests need every step to speculate (a
+    tiny target's forward is so cheap that the gate would rightly turn speculation off)."""
+    if spec is not None and not gate:
+        spec = msgspec.structs.replace(spec, measure_gate=False)
     cfg = dict(model=str(model), dtype="float32", kv_cache_bytes=1 << 22, block_size=4,
                speculative=spec)
     cfg.update(kw)

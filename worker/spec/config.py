@@ -54,6 +54,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     min_acceptance: float | None = None
     ema_decay: float = 0.7  # weight of the past in the acceptance EMA
     probe_every: int = 8  # a sequence that stopped proposing tries k=1 every this many steps
+    # Per batch size, speculate only while speculative steps are measured to cost less wall
+    # time per emitted token than plain steps (worker/spec/gate.py). False: always speculate
+    # below max_batch_size.
+    measure_gate: bool = True
     draft_timeout_s: float = 5.0  # pool: a draft actor slower than this counts as dead
 
     def __post_init__(self) -> None:

@@ -20,7 +20,9 @@ if the j before it were accepted (probability alpha^j, Leviathan et al. 2023, eq
 the largest j with alpha^j >= min_acceptance. Below min_acceptance a sequence stops proposing
 and probes with k=1 every `probe_every` steps. Above `max_batch_size` running sequences the
 whole step runs without speculation; below it, k is also cut so that the step scores at most
-`max_step_tokens` tokens, the size up to which a step costs about one decode.
+`max_step_tokens` tokens, the size up to which a step costs about one decode. And with
+`measure_gate` (the default) a batch size only speculates while its speculative steps are
+measured to cost less time per emitted token than plain ones (worker/spec/gate.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from worker.sampler import Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
 from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
+from worker.spec.gate import SpecGate
 from worker.spec.processing import RowContext, history_rows, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
 from worker.spec.tree import depths, first_branch, is_chain, tree_holes, walk_greedy
@@ -56,6 +59,7 @@ class SpecMetrics:
     proposer_seconds: float = 0.0
     spec_steps: int = 0
     skipped_steps: int = 0  # steps that did not speculate because the batch was too large
+    gated_steps: int = 0  # steps that did not speculate because the gate measured it to lose
 
     @property
     def acceptance_rate(self) -> float:
@@ -103,11 +107,14 @@ class SpecDecoder:
         self.block_size = block_size
         self._state: dict[str, _SeqState] = {}
         self._ks: dict[str, int] = {}
+        self.gate = SpecGate() if config.measure_gate else None
+        self._measured_batch: int | None = None  # this step's batch size, if it only decodes
 
     # -- 1. how many slots ------------------------------------------------------------------
 
     def num_lookahead(self, scheduler: Scheduler) -> int:
         self._ks = {}
+        self._measured_batch = None
         batch = len(scheduler.running) + len(scheduler.waiting)
         if not scheduler.running:
             return 0
@@ -115,6 +122,12 @@ class SpecDecoder:
             self.metrics.skipped_steps += 1
             return 0
         decoding = [s for s in scheduler.running if s.num_computed_tokens + 1 == s.num_tokens]
+        if self.gate is not None and decoding:
+            if len(decoding) == batch:  # a prefill in the step would swamp the comparison
+                self._measured_batch = batch
+            if not self.gate.speculate(len(decoding)):
+                self.metrics.gated_steps += 1
+                return 0
         # Each decoding sequence gets an equal share of the step's token budget (None: no cap).
         budget = self.config.max_step_tokens
         share = budget // max(1, len(decoding)) - 1 if budget else self.config.num_speculative_tokens
@@ -123,6 +136,12 @@ class SpecDecoder:
             if k > 0:
                 self._ks[seq.request_id] = k
         return max(self._ks.values(), default=0)
+
+    def end_step(self, seconds: float, emitted_tokens: int) -> None:
+        """The engine's report of the step just run: its wall time and the tokens it emitted."""
+        if self.gate is not None and self._measured_batch is not None:
+            self.gate.record(self._measured_batch, bool(self._ks), seconds, emitted_tokens)
+        self._measured_batch = None
 
     def _k_for(self, seq: Sequence) -> int:
         cfg = self.config
@@ -316,7 +335,8 @@ class SpecDecoder:
                 "spec_accepted_tokens_total": m.accepted_tokens,
                 "spec_verifications_total": m.verifications,
                 "spec_emitted_tokens_total": m.emitted_tokens,
-                "spec_proposer_seconds_total": m.proposer_seconds}
+                "spec_proposer_seconds_total": m.proposer_seconds,
+                "spec_gated_steps_total": m.gated_steps}
 
 
 def _logprob(row: torch.Tensor, tok: int, top_n: int | None) -> SampledLogprobs:

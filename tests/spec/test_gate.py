@@ -1,0 +1,133 @@
+"""The measured gate (worker/spec/gate.py): a batch size speculates only while speculative steps
+cost less wall time per emitted token than plain ones."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.spec.test_spec_greedy import PROMPTS, make_engine, run
+from worker.spec.config import SpeculativeConfig
+from worker.spec.gate import SpecGate
+from worker.spec.proposer import Proposal, Proposer
+
+
+def decide(gate: SpecGate, batch: int, spec_cost: float, plain_cost: float, steps: int) -> int:
+    """Runs `steps` decisions with fixed per-token costs; returns how many speculated."""
+    n = 0
+    for _ in range(steps):
+        spec = gate.speculate(batch)
+        n += spec
+        gate.record(batch, spec, spec_cost if spec else plain_cost, 1)
+    return n
+
+
+def test_warmup_tries_both_then_keeps_the_cheaper() -> None:
+    gate = SpecGate(warmup=3, explore_every=16)
+    seen = []
+    for _ in range(8):
+        seen.append(gate.speculate(1))
+        gate.record(1, seen[-1], 0.01 if seen[-1] else 0.02, 1)
+    assert seen == [True] * 4 + [False] * 4  # the first of each arm is not counted
+    assert decide(gate, 1, 0.01, 0.02, 200) >= 200 - 200 // 32 - 1  # plain explored 1 in 32
+
+    slow = SpecGate(warmup=3, explore_every=16)
+    assert decide(slow, 4, 0.05, 0.01, 8) == 4
+    # losing 5x: tried again every 16 * 4 steps only
+    assert decide(slow, 4, 0.05, 0.01, 256) == 4
+
+
+def test_batch_sizes_are_measured_apart() -> None:
+    gate = SpecGate(warmup=2)
+    decide(gate, 1, 0.01, 0.03, 10)
+    decide(gate, 8, 0.03, 0.01, 10)
+    assert gate.speculate(1) and not gate.speculate(8)
+    assert gate.snapshot()[1][1] == pytest.approx(0.01)
+    assert gate.snapshot()[8][0] == pytest.approx(0.01)
+
+
+def test_the_choice_follows_a_change() -> None:
+    gate = SpecGate(warmup=2, explore_every=4, decay=0.5)
+    assert decide(gate, 1, 0.01, 0.02, 20) >= 20 - 2 - 20 // 8
+    decide(gate, 1, 0.05, 0.02, 40)  # acceptance collapsed: speculating now costs 2.5x
+    assert decide(gate, 1, 0.05, 0.02, 40) <= 40 // 10 + 1
+    decide(gate, 1, 0.005, 0.02, 40)  # and recovered: 4x cheaper
+    assert decide(gate, 1, 0.005, 0.02, 40) >= 40 - 40 // 16 - 1
+
+
+def test_steps_without_tokens_are_not_measured() -> None:
+    gate = SpecGate(warmup=1)
+    gate.record(1, True, 0.5, 0)
+    assert gate.snapshot() == {}
+
+
+class Oracle(Proposer):
+    """Proposes the true greedy continuation, after `delay` seconds; `wrong` shifts every
+    proposed token so none is accepted."""
+
+    def __init__(self, reference: dict[tuple[int, ...], list[int]], delay: float = 0.0,
+                 wrong: bool = False) -> None:
+        self.reference, self.delay, self.wrong = reference, delay, wrong
+        self.calls = 0
+
+    def propose(self, seqs, ks):
+        self.calls += 1
+        time.sleep(self.delay)
+        out = []
+        for seq, k in zip(seqs, ks):
+            ref = self.reference[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+            done = seq.num_output_tokens
+            out.append(Proposal([(t + 1) % 256 if self.wrong else t
+                                 for t in ref[done:done + k]]))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("llama-gqa")
+
+
+@pytest.fixture(scope="module")
+def baseline(model):
+    return run(make_engine(model, None), max_tokens=40)
+
+
+def spec(k: int = 4) -> SpeculativeConfig:
+    return SpeculativeConfig(method="ngram", num_speculative_tokens=k, min_acceptance=0.0,
+                             max_step_tokens=64)
+
+
+def test_a_proposer_that_costs_more_than_it_wins_is_turned_off(model, baseline) -> None:
+    """Proposals that take 30 ms and are never right: after the warm-up the engine stops asking
+    for them, except to re-check now and then; the output is still exactly greedy decoding."""
+    eng = make_engine(model, spec(), gate=True)
+    ref = {tuple(p): b for p, b in zip(PROMPTS, baseline)}
+    eng.spec.proposer = Oracle(ref, delay=0.03, wrong=True)
+    assert run(eng, max_tokens=40) == baseline
+    m = eng.spec.metrics
+    assert m.accepted_tokens == 0
+    assert eng.spec.proposer.calls <= 10, eng.spec.gate.snapshot()
+    assert m.gated_steps >= 25 and eng.stats().spec_gated_steps_total == m.gated_steps
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+def test_a_proposer_that_pays_keeps_speculating(model, baseline) -> None:
+    """A forward bound by reading the weights (here: 20 ms whatever the rows, as a real model's
+    decode on a CPU or GPU) and right proposals: speculation stays on."""
+    eng = make_engine(model, spec(), gate=True)
+    ref = {tuple(p): b for p, b in zip(PROMPTS, baseline)}
+    eng.spec.proposer = Oracle(ref)
+    execute = eng.runner.execute
+
+    def weight_bound(plan):
+        time.sleep(0.02)
+        return execute(plan)
+
+    eng.runner.execute = weight_bound
+    assert run(eng, max_tokens=40) == baseline
+    m = eng.spec.metrics
+    assert m.mean_accepted_length > 3
+    # the 1 + 3 warm-up steps without speculation, and a re-check at most every 16 steps after
+    assert m.gated_steps <= 4 + m.spec_steps // 16 + 1, (m, eng.spec.gate.snapshot())
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks

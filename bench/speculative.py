@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", default="8,32",
+                    help="batch sizes for the throughput rows, comma-separated (8: the largest "
+                         "that speculates by default; 32: speculation stands down)")
     ap.add_argument("--batch-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32",
@@ -97,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     chat_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     batch_params = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens, ignore_eos=True)
-    batch_prompts = [f"Write a short note number {i} about {w}." for i, w in
-                     enumerate(["tea", "rain", "ships", "bread", "maps", "owls", "clocks",
-                                "bees"] * (args.batch // 8 + 1))][:args.batch]
+    batch_sizes = [int(b) for b in args.batch.split(",") if b]
+    notes = [f"Write a short note number {i} about {w}." for i, w in
+             enumerate(["tea", "rain", "ships", "bread", "maps", "owls", "clocks",
+                        "bees"] * (max(batch_sizes, default=0) // 8 + 1))]
 
     # All engines live side by side and runs alternate between them, so that load from other
     # work on the machine hits every method alike (../shared/FACTS.md: compare inside one run).
@@ -141,21 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                 else None,
             })
             print(rows[-1], flush=True)
-    batch_times: dict[str, list[float]] = {m: [] for m in methods}
-    batch_out: dict[str, list[int]] = {}
-    for _ in range(args.repeats):
+    for size in batch_sizes:
+        batch_times: dict[str, list[float]] = {m: [] for m in methods}
+        batch_out: dict[str, list[int]] = {}
+        for _ in range(args.repeats):
+            for m in methods:
+                t0 = time.perf_counter()
+                batch_out[m] = [t for o in llms[m].generate(notes[:size], batch_params)
+                                for t in o.token_ids]
+                batch_times[m].append(time.perf_counter() - t0)
         for m in methods:
-            t0 = time.perf_counter()
-            batch_out[m] = [t for o in llms[m].generate(batch_prompts, batch_params)
-                            for t in o.token_ids]
-            batch_times[m].append(time.perf_counter() - t0)
-    for m in methods:
-        n = len(batch_out[m])
-        rows.append({"method": m, "prompt": f"{args.batch} notes", "batch": args.batch,
-                     "tokens": n, "tokens_per_s": n / statistics.median(batch_times[m]),
-                     "identical": batch_out[m] == batch_out[methods[0]], "acceptance": None,
-                     "mean_accepted_length": None, "proposer_s_per_token": None})
-        print(rows[-1], flush=True)
+            n = len(batch_out[m])
+            rows.append({"method": m, "prompt": f"{size} notes", "batch": size,
+                         "tokens": n, "tokens_per_s": n / statistics.median(batch_times[m]),
+                         "identical": batch_out[m] == batch_out[methods[0]],
+                         "acceptance": None, "mean_accepted_length": None,
+                         "proposer_s_per_token": None})
+            print(rows[-1], flush=True)
 
     base = {(r["prompt"], r["batch"]): r["tokens_per_s"] for r in rows if r["method"] == "none"}
     print("\n| method | prompt | batch | tokens | tokens/s | speed-up | same output | acceptance "

@@ -56,6 +56,20 @@ def test_the_choice_follows_a_change() -> None:
     assert decide(gate, 1, 0.005, 0.02, 40) >= 40 - 40 // 16 - 1
 
 
+def test_uneven_speculative_steps_are_costed_by_their_totals() -> None:
+    """Speculative steps of 14 ms emitting 1, 1, 4, 1, 1, 4... tokens cost 7 ms per token against
+    10 ms plain: the gate keeps speculating. The mean of the per-step ratios (10.5 ms) would call
+    speculation the loser; it switched EAGLE off at batch 1 on chat."""
+    gate = SpecGate(warmup=3, explore_every=16)
+    spec_steps = 0
+    for i in range(300):
+        spec = gate.speculate(1)
+        spec_steps += spec
+        gate.record(1, spec, 0.014 if spec else 0.010, (4 if i % 3 == 2 else 1) if spec else 1)
+    assert spec_steps >= 300 - 300 // 16 - 6, gate.snapshot()
+    assert gate.snapshot()[1][1] == pytest.approx(0.007, rel=0.25)
+
+
 def test_steps_without_tokens_are_not_measured() -> None:
     gate = SpecGate(warmup=1)
     gate.record(1, True, 0.5, 0)

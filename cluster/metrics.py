@@ -66,6 +66,25 @@ class ServeMetrics:
         self.generation_tokens = Counter("tandem_generation_tokens", "tokens generated",
                                          tag_keys=TAGS)
         self.preemptions = Counter("tandem_preemptions", "sequences preempted", tag_keys=TAGS)
+        # Speculative decoding, as counters so that dashboards take rates over any window:
+        # accepted/proposed is the acceptance rate, emitted/verifications the tokens a verify
+        # step yields per sequence (the speed-up's ceiling), proposer seconds per emitted token
+        # the drafting cost, gated steps how often the measured gate ran plain decoding.
+        self.spec_proposed = Counter("tandem_spec_proposed_tokens",
+                                     "speculative tokens proposed", tag_keys=TAGS)
+        self.spec_accepted = Counter("tandem_spec_accepted_tokens",
+                                     "speculative tokens accepted by the target", tag_keys=TAGS)
+        self.spec_verifications = Counter("tandem_spec_verifications",
+                                          "sequence verifications (one per sequence and step)",
+                                          tag_keys=TAGS)
+        self.spec_emitted = Counter("tandem_spec_emitted_tokens",
+                                    "tokens emitted by verifications (accepted + bonus)",
+                                    tag_keys=TAGS)
+        self.spec_proposer_seconds = Counter("tandem_spec_proposer_seconds",
+                                             "wall time spent proposing", tag_keys=TAGS)
+        self.spec_gated_steps = Counter("tandem_spec_gated_steps",
+                                        "steps the measured gate ran without speculation",
+                                        tag_keys=TAGS)
         dep = ("model", "deployment")
         self.replicas = Gauge("tandem_replicas", "replicas by state (ready, starting, draining)",
                               tag_keys=(*dep, "state"))
@@ -88,16 +107,20 @@ class ServeMetrics:
         self.waiting.set(stats.num_waiting, tags)
         self.kv_usage.set(stats.kv_usage, tags)
         self.prefix_hit_rate.set(stats.prefix_hit_rate, tags)
-        accepted = getattr(stats, "spec_accepted_tokens_total", None)
-        proposed = getattr(stats, "spec_proposed_tokens_total", None)
-        if accepted is not None and proposed:
-            self.spec_acceptance.set(accepted / proposed, tags)
+        if stats.spec_proposed_tokens_total:
+            self.spec_acceptance.set(stats.spec_acceptance_rate, tags)
         last = self._last.get(replica_id, ReplicaStats())
-        for counter, now, before in (
-                (self.prompt_tokens, stats.prompt_tokens_total, last.prompt_tokens_total),
-                (self.generation_tokens, stats.generation_tokens_total,
-                 last.generation_tokens_total),
-                (self.preemptions, stats.num_preempted_total, last.num_preempted_total)):
+        for counter, field in (
+                (self.prompt_tokens, "prompt_tokens_total"),
+                (self.generation_tokens, "generation_tokens_total"),
+                (self.preemptions, "num_preempted_total"),
+                (self.spec_proposed, "spec_proposed_tokens_total"),
+                (self.spec_accepted, "spec_accepted_tokens_total"),
+                (self.spec_verifications, "spec_verifications_total"),
+                (self.spec_emitted, "spec_emitted_tokens_total"),
+                (self.spec_proposer_seconds, "spec_proposer_seconds_total"),
+                (self.spec_gated_steps, "spec_gated_steps_total")):
+            now, before = getattr(stats, field), getattr(last, field)
             if now > before:
                 counter.inc(now - before, tags)
         self._last[replica_id] = stats

@@ -70,6 +70,46 @@ def test_uneven_speculative_steps_are_costed_by_their_totals() -> None:
     assert gate.snapshot()[1][1] == pytest.approx(0.007, rel=0.25)
 
 
+def runs_of_speculation(seq: list[bool]) -> list[int]:
+    runs, n = [], 0
+    for spec in [*seq, False]:
+        if spec:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def test_speculation_is_retried_in_bursts_sized_to_what_it_loses() -> None:
+    """Losing narrowly (1.15x per token), speculation is retried 3 steps at a time, so a retry
+    sees more than one step of the text; losing 2x, one step at a time."""
+    for cost, burst in ((0.0115, 3), (0.02, 1)):
+        gate = SpecGate(warmup=3, explore_every=16)
+        seq = []
+        for _ in range(300):
+            seq.append(gate.speculate(1))
+            gate.record(1, seq[-1], cost if seq[-1] else 0.010, 1)
+        runs = runs_of_speculation(seq)
+        assert runs[0] == 4 and set(runs[1:-1]) == {burst}, runs  # the last may be cut short
+        assert len(runs) - 1 >= 300 // (16 * cost / 0.010) - 2
+
+
+def test_a_hard_opening_does_not_keep_speculation_off() -> None:
+    """The first steps speculate into a hard stretch (1 token per step, 1.2x a plain step), then
+    the text gets easy (3 tokens per step): within two exploring periods the gate speculates
+    again, and stays on."""
+    gate = SpecGate(explore_every=16)
+    seq = []
+    for i in range(150):
+        seq.append(gate.speculate(1))
+        easy = i >= 12
+        gate.record(1, seq[-1], 0.012 if seq[-1] else 0.010, (3 if easy else 1) if seq[-1] else 1)
+    first_back = next(i for i in range(12, 150) if seq[i] and seq[i + 1] and seq[i + 2])
+    assert first_back <= 12 + 2 * 16 * 1.2 + 4, seq
+    assert sum(seq[first_back:]) >= (150 - first_back) * 0.95
+
+
 def test_steps_without_tokens_are_not_measured() -> None:
     gate = SpecGate(warmup=1)
     gate.record(1, True, 0.5, 0)

@@ -32,7 +32,8 @@ def metrics() -> ServeMetrics:
     m = ServeMetrics("tiny", "dep")
     for name in ("ttft", "itl", "e2e", "requests", "running", "waiting", "kv_usage",
                  "prefix_hit_rate", "spec_acceptance", "prompt_tokens", "generation_tokens",
-                 "preemptions"):
+                 "preemptions", "spec_proposed", "spec_accepted", "spec_verifications",
+                 "spec_emitted", "spec_proposer_seconds", "spec_gated_steps"):
         setattr(m, name, Captured())
     return m
 
@@ -93,6 +94,33 @@ def test_replica_stats_become_gauges_and_counter_increments(metrics: ServeMetric
     assert metrics.kv_usage.calls[0][0] == pytest.approx(0.6)
     assert metrics.prefix_hit_rate.calls[0][0] == pytest.approx(0.5)
     assert metrics.running.calls[0][1] == {"model": "tiny", "deployment": "dep", "replica": "r0"}
+
+
+def test_speculative_counters_advance_by_what_changed(metrics: ServeMetrics) -> None:
+    """Dashboards divide rates of these counters (accepted / proposed, emitted / verifications,
+    proposer seconds / emitted), so each must advance by exactly the replica's increment."""
+    metrics.record_replica("r0", ReplicaStats())
+    assert metrics.spec_acceptance.calls == [] and metrics.spec_proposed.calls == []
+    s1 = ReplicaStats(spec_proposed_tokens_total=40, spec_accepted_tokens_total=10,
+                      spec_verifications_total=8, spec_emitted_tokens_total=18,
+                      spec_proposer_seconds_total=0.5, spec_gated_steps_total=3)
+    s2 = ReplicaStats(spec_proposed_tokens_total=60, spec_accepted_tokens_total=25,
+                      spec_verifications_total=12, spec_emitted_tokens_total=37,
+                      spec_proposer_seconds_total=0.75, spec_gated_steps_total=3)
+    metrics.record_replica("r0", s1)
+    metrics.record_replica("r0", s2)
+    tags = {"model": "tiny", "deployment": "dep", "replica": "r0"}
+    assert metrics.spec_proposed.calls == [(40, tags), (20, tags)]
+    assert [v for v, _ in metrics.spec_accepted.calls] == [10, 15]
+    assert [v for v, _ in metrics.spec_verifications.calls] == [8, 4]
+    assert [v for v, _ in metrics.spec_emitted.calls] == [18, 19]
+    assert [v for v, _ in metrics.spec_proposer_seconds.calls] == [0.5, 0.25]
+    assert [v for v, _ in metrics.spec_gated_steps.calls] == [3]  # unchanged: no call
+    assert [v for v, _ in metrics.spec_acceptance.calls] == [0.25, pytest.approx(25 / 60)]
+    # A restarted replica starts its counters again from zero: nothing goes backwards.
+    metrics.forget_replica("r0")
+    metrics.record_replica("r0", ReplicaStats(spec_proposed_tokens_total=5))
+    assert metrics.spec_proposed.calls[-1] == (5, tags)
 
 
 def test_metered_handle_is_transparent() -> None:

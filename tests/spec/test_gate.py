@@ -185,3 +185,36 @@ def test_a_proposer_that_pays_keeps_speculating(model, baseline) -> None:
     # the 1 + 3 warm-up steps without speculation, and a re-check at most every 16 steps after
     assert m.gated_steps <= 4 + m.spec_steps // 16 + 1, (m, eng.spec.gate.snapshot())
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+@pytest.mark.parametrize("step_tokens", [64, 8])
+def test_seeded_sampling_repeats_whatever_the_gate_decides(model, baseline, step_tokens) -> None:
+    """A request with a seed gets the same tokens whether the gate lets its steps speculate or
+    not (the gate's choices depend on timing); unseeded and greedy neighbours follow the gate.
+    With 8 tokens per step, k is the share of all 4 decoding sequences either way."""
+    import random
+
+    from protos.messages import Request, SamplingParams
+    from tests.engine_utils import run_to_completion, tokens_of
+
+    ref = {tuple(p): b for p, b in zip(PROMPTS, baseline)}
+
+    def answers(gate_says) -> tuple[dict[str, list[int]], int]:
+        eng = make_engine(model, SpeculativeConfig(method="ngram", num_speculative_tokens=4,
+                                                   min_acceptance=0.0,
+                                                   max_step_tokens=step_tokens), gate=True)
+        eng.spec.proposer = Oracle(ref)
+        eng.spec.gate.speculate = gate_says
+        reqs = [Request(request_id=f"s{i}", prompt_token_ids=p,
+                        sampling=SamplingParams(temperature=0.8, max_tokens=24,
+                                                seed=7 + i if i % 2 == 0 else None))
+                for i, p in enumerate(PROMPTS)]
+        out = run_to_completion(eng, reqs)
+        assert eng.kv.num_free_blocks == eng.kv.num_blocks
+        return {r: tokens_of(o) for r, o in out.items()}, eng.spec.metrics.gated_steps
+
+    always, gated_always = answers(lambda batch: True)
+    coin = random.Random(3)
+    flaky, gated_flaky = answers(lambda batch: coin.random() < 0.5)
+    assert gated_always == 0 and gated_flaky > 5
+    assert flaky["s0"] == always["s0"] and flaky["s2"] == always["s2"]  # the seeded ones

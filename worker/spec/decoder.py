@@ -122,15 +122,24 @@ class SpecDecoder:
             self.metrics.skipped_steps += 1
             return 0
         decoding = [s for s in scheduler.running if s.num_computed_tokens + 1 == s.num_tokens]
+        # Each decoding sequence gets an equal share of the step's token budget (None: no cap),
+        # counted over all of them even where the gate leaves only seeded ones speculating, so
+        # that their k does not depend on the gate either.
+        budget = self.config.max_step_tokens
+        share = budget // max(1, len(decoding)) - 1 if budget else self.config.num_speculative_tokens
         if self.gate is not None and decoding:
             if len(decoding) == batch:  # a prefill in the step would swamp the comparison
                 self._measured_batch = batch
             if not self.gate.speculate(len(decoding)):
                 self.metrics.gated_steps += 1
-                return 0
-        # Each decoding sequence gets an equal share of the step's token budget (None: no cap).
-        budget = self.config.max_step_tokens
-        share = budget // max(1, len(decoding)) - 1 if budget else self.config.num_speculative_tokens
+                # A seeded sampled request speculates whatever the gate says: rejection sampling
+                # draws differently from plain sampling, and the gate's choice depends on
+                # timing, so its answer would otherwise not repeat. Such a step measures neither
+                # arm.
+                decoding = [s for s in decoding if s.generator is not None and not s.params.greedy]
+                if not decoding:
+                    return 0
+                self._measured_batch = None
         for seq in decoding:
             k = min(self._k_for(seq), share)
             if k > 0:

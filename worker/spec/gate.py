@@ -32,6 +32,7 @@ that also prefill.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 PLAIN_WARMUP = 3
@@ -70,7 +71,7 @@ class SpecGate:
     def speculate(self, batch: int) -> bool:
         """Whether a step with `batch` decoding sequences should speculate."""
         b = self._buckets.setdefault(batch, _Bucket())
-        if b.spec.samples < max(PLAIN_WARMUP, -(-self.warmup // batch)):
+        if b.spec.samples < max(PLAIN_WARMUP, math.ceil(self.warmup / batch)):
             return True
         if b.plain.samples < PLAIN_WARMUP:
             return False
@@ -87,7 +88,7 @@ class SpecGate:
         b.since_explore = 0
         if not spec_wins:  # a burst of speculative steps: one alone says little about the text
             budget = EXPLORE_BUDGET * period / max(ratio - 1.0, 1e-6)
-            b.burst = max(1, min(-(-BURST_SEQ_STEPS // batch), int(budget))) - 1
+            b.burst = max(1, min(math.ceil(BURST_SEQ_STEPS / batch), int(budget))) - 1
         return not spec_wins
 
     def record(self, batch: int, speculated: bool, seconds: float, tokens: int) -> None:

@@ -1,13 +1,14 @@
 """Train an EAGLE draft head (worker/spec/eagle_head.py) for a Llama-family target, on CPU.
 
-    python -m bench.train_eagle --out DIR [--chats 600] [--train-seconds 900]
+    python -m bench.train_eagle --out DIR [--chats 600] [--self-written 0] [--train-seconds 900]
 
-Data is the target's own: its greedy answers to templated chat prompts (generated here with
-Tandem's engine; the templates and topics below are disjoint from the benchmark's prompts) and
-Jane Austen's novels (../shared/data/austen.txt). The target scores every sequence once
-(teacher forcing) and keeps its last hidden state per position; labels are its next-token
-distribution over the head's vocabulary, which the frozen head computes from those features, so
-nothing of vocabulary size is stored.
+Data is the target's own: its greedy answers to templated chat prompts and to user queries it
+writes itself (Magpie: given the chat template up to a user turn, it writes the request),
+generated here with Tandem's engine, and Jane Austen's novels (../shared/data/austen.txt). The
+templates' topics and the kept queries stay off the benchmark's questions. The target scores
+every sequence once (teacher forcing) and keeps its last hidden state per position; labels are
+its next-token distribution over the head's vocabulary, which the frozen head computes from
+those features, so nothing of vocabulary size is stored.
 
 Training follows EAGLE: a classification loss (soft cross-entropy against the target) plus a
 feature regression loss (smooth L1 towards the target's hidden state). A second pass feeds the
@@ -25,8 +26,11 @@ import argparse
 import json
 import math
 import random
+import re
+import sys
 import time
 from collections import Counter
+from itertools import zip_longest
 from pathlib import Path
 
 import msgspec
@@ -117,13 +121,56 @@ def chat_prompts(n: int, seed: int) -> list[str]:
     return prompts[:n]
 
 
-def generate_chats(model_dir: Path, prompts: list[str],
+# Self-written queries must stay off the benchmark's questions (bench/speculative.py), so that
+# those stay unseen.
+BENCHMARK_TOPICS = re.compile(r"\bsky\b|\bblue\b|\bautumn\b|\bfall leaves\b|\btea\b|"
+                              r"\bfrance\b|\bparis\b|\bengines?\b", re.IGNORECASE)
+
+
+def usable_query(text: str, num_tokens: int) -> bool:
+    """A self-written query worth answering: a real request (6+ tokens), in English (a few
+    non-ASCII characters at most: the model drifts into other languages and scripts at times),
+    and not about the benchmark's topics."""
+    ascii_share = sum(c.isascii() for c in text) / max(1, len(text))
+    return num_tokens >= 6 and ascii_share > 0.97 and not BENCHMARK_TOPICS.search(text)
+
+
+def self_written_queries(llm, n: int, seed: int) -> list[str]:
+    """User turns the target writes itself (Magpie, Xu et al. 2024): given the chat template
+    up to the start of a user turn, an instruction-tuned model writes a plausible request. They
+    are far more varied than templates and follow what users of this model ask. Kept: the ones
+    that end by themselves, read as English and avoid the benchmark's topics."""
+    from protos.messages import SamplingParams
+
+    pre = llm.render_chat([{"role": "user", "content": "\x00"}])
+    pre = pre[:pre.index("\x00")]
+    t0 = time.perf_counter()
+    outs = llm.generate([pre] * n, [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=80,
+                                                   seed=seed * 1_000_003 + i) for i in range(n)],
+                        use_tqdm=True)
+    kept, seen = [], set()
+    for o in outs:
+        q = o.text.strip()
+        if o.finish_reason == "stop" and usable_query(q, len(o.token_ids)) and q.lower() not in seen:
+            kept.append(q)
+            seen.add(q.lower())
+    print(f"self-written queries: kept {len(kept)} of {n} "
+          f"({sum(len(o.token_ids) for o in outs)} tokens in {time.perf_counter() - t0:.0f} s)")
+    return kept
+
+
+def generate_chats(model_dir: Path, prompts: list[str], self_written: int, seed: int,
                    max_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt, greedy answer) token ids, from Tandem's own engine (bf16, batched)."""
+    """(prompt, greedy answer) token ids, from Tandem's own engine (bf16, batched), for the
+    templated prompts and `self_written` queries the target writes itself."""
     from cluster.llm import LLM
     from protos.messages import SamplingParams
 
-    llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=48)
+    llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=64)
+    if self_written:
+        queries = self_written_queries(llm, self_written, seed)
+        # interleaved with the templates, so the held-out chats (the first ones) have both
+        prompts = [p for pair in zip_longest(prompts, queries) for p in pair if p is not None]
     t0 = time.perf_counter()
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
                     SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
@@ -303,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help="target folder (default: the default model)")
     p.add_argument("--out", required=True)
-    p.add_argument("--chats", type=int, default=600)
+    p.add_argument("--chats", type=int, default=600, help="templated chat prompts")
+    p.add_argument("--self-written", type=int, default=0,
+                   help="user queries the target writes itself to sample (about 70%% are kept)")
     p.add_argument("--held-out", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--austen-tokens", type=int, default=60000)
@@ -337,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if cache is not None and cache.is_file():
         chats = json.loads(cache.read_text())
     else:
-        chats = generate_chats(target_dir, chat_prompts(args.chats, args.seed), args.max_tokens)
+        chats = generate_chats(target_dir, chat_prompts(args.chats, args.seed),
+                               args.self_written, args.seed, args.max_tokens)
         if cache is not None:
             cache.write_text(json.dumps(chats))
     tok = Tokenizer.from_dir(target_dir)
@@ -395,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     record = {"target": target_dir.name,
+              "command": " ".join(["python -m bench.train_eagle", *(argv or sys.argv[1:])]),
               "chats": len(chats) - args.held_out, "austen_tokens": sum(map(len, prose)),
               "vocab_coverage": round(covered, 4), "train": log,
               "train_seconds_total": log["seconds"] + previous.get(

@@ -1,0 +1,106 @@
+"""How well EAGLE heads draft on the speculative benchmark's own prompts, offline, in seconds.
+
+    python -m bench.eval_eagle [--heads DIR,DIR,...] [--json PATH]
+
+The target (transformers, bf16) answers each batch-1 prompt of bench/speculative.py greedily (up
+to 96 tokens, as the benchmark does), scores the whole sequence once, and each head drafts from
+those features as the proposer does at run time. Per prompt: how often the first draft token is
+the target's greedy token, and the mean number of draft tokens accepted in a row (of k). These
+prompts are outside the heads' training data, so this is the number that predicts the
+benchmark's speed-up; a head's held-out score in its eagle.json is measured in distribution.
+Several heads are compared on the same answers in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import msgspec
+import torch
+from safetensors.torch import load_file
+
+from bench.speculative import PROMPTS, austen_prompt
+from bench.train_eagle import chain_acceptance, first_token_accuracy, teacher
+from worker.spec.eagle_head import CONFIG_FILE, WEIGHTS_FILE, EagleHead, EagleHeadConfig
+
+
+def load_head(folder: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> EagleHead:
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    head = EagleHead(msgspec.convert(record["config"], EagleHeadConfig))
+    head.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+    head.attach_target(embed.float(), lm_head.float())
+    return head.eval()
+
+
+@torch.inference_mode()
+def answers(model, tok, max_tokens: int) -> dict[str, tuple[list[int], int]]:
+    """prompt name -> (prompt + greedy answer token ids, where the answer starts)."""
+    out = {}
+    for name, (text, chat) in PROMPTS.items():
+        if name == "austen":
+            text = austen_prompt()
+        if chat:
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}])
+            ids = tok.encode(rendered, add_special_tokens=False)
+        else:
+            ids = tok.encode(text)
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_ids if chat else None)
+        out[name] = (gen[0].tolist(), len(ids))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from worker.spec.eagle_head import SHIPPED_HEADS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=None, help="target folder (default: the default model)")
+    p.add_argument("--heads", default=str(SHIPPED_HEADS / "SmolLM2-135M-Instruct"),
+                   help="comma-separated head folders (default: the shipped head)")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import transformers as tf
+
+    from cluster.default_model import resolve_model
+    from text.tokenizer import Tokenizer
+
+    target_dir = Path(args.target) if args.target else resolve_model(None)
+    tok = Tokenizer.from_dir(target_dir)
+    model = tf.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
+    seqs = answers(model, tok, args.max_tokens)
+    names = list(seqs)
+    feats = teacher(model, [seqs[n][0] for n in names])
+    embed, lm_head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+    rows = []
+    for folder in args.heads.split(","):
+        head = load_head(Path(folder), embed, lm_head)
+        for name, (ids, h) in zip(names, feats, strict=True):
+            item = [(ids, h, seqs[name][1])]
+            runs = chain_acceptance(head, item, args.k)
+            rows.append({"head": folder, "prompt": name, "answer_tokens": len(ids) - seqs[name][1],
+                         "first_token": first_token_accuracy(head, item),
+                         "mean_run": sum(runs) / max(1, len(runs))})
+    print(f"\n| head | prompt | answer tokens | first draft token right | mean run of {args.k} |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {Path(r['head']).name} | {r['prompt']} | {r['answer_tokens']} | "
+              f"{r['first_token']:.3f} | {r['mean_run']:.2f} |")
+    for folder in args.heads.split(","):
+        chats = [r for r in rows if r["head"] == folder and r["prompt"].startswith("chat")]
+        print(f"{Path(folder).name}: chat mean first token "
+              f"{sum(r['first_token'] for r in chats) / len(chats):.3f}, mean run "
+              f"{sum(r['mean_run'] for r in chats) / len(chats):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,21 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-import msgspec
 import torch
-from safetensors.torch import load_file
 
 from bench.speculative import PROMPTS, austen_prompt
 from bench.train_eagle import chain_acceptance, first_token_accuracy, teacher
-from worker.spec.eagle_head import CONFIG_FILE, WEIGHTS_FILE, EagleHead, EagleHeadConfig
-
-
-def load_head(folder: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> EagleHead:
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    head = EagleHead(msgspec.convert(record["config"], EagleHeadConfig))
-    head.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
-    head.attach_target(embed.float(), lm_head.float())
-    return head.eval()
+from worker.spec.eagle_head import SHIPPED_HEADS, load_eagle_head
 
 
 @torch.inference_mode()
@@ -53,8 +43,6 @@ def answers(model, tok, max_tokens: int) -> dict[str, tuple[list[int], int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.spec.eagle_head import SHIPPED_HEADS
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help="target folder (default: the default model)")
     p.add_argument("--heads", default=str(SHIPPED_HEADS / "SmolLM2-135M-Instruct"),
@@ -80,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     embed, lm_head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
     rows = []
     for folder in args.heads.split(","):
-        head = load_head(Path(folder), embed, lm_head)
+        head = load_eagle_head(Path(folder), embed, lm_head, torch.float32)
         for name, (ids, h) in zip(names, feats, strict=True):
             item = [(ids, h, seqs[name][1])]
             runs = chain_acceptance(head, item, args.k)

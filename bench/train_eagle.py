@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--chats", type=int, default=600, help="templated chat prompts")
     p.add_argument("--self-written", type=int, default=0,
-                   help="user queries the target writes itself to sample (about 70%% are kept)")
+                   help="user queries the target writes itself to sample (about 80%% are kept)")
     p.add_argument("--held-out", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--austen-tokens", type=int, default=60000)

@@ -48,9 +48,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # this // (decoding sequences) - 1. None: resolved where the engine is built
     # (worker/spec/factory.py) to the step size that still costs about one decode.
     max_step_tokens: int | None = None
-    # A sequence whose acceptance EMA falls below this stops proposing. None: 0 for n-gram lookup
-    # where scoring extra positions is nearly free (bf16 on AMX, CUDA), so every match is
-    # verified; else 0.3, where a verify costs up to two decodes (worker/spec/factory.py).
+    # A sequence whose acceptance EMA falls below this stops proposing, and k shrinks as the EMA
+    # nears it. None: 0 for n-gram lookup and EAGLE, which bound their own proposals, where the
+    # measured gate judges the cost (the default) or scoring extra positions is nearly free
+    # (bf16 on AMX, CUDA); else 0.3 (worker/spec/factory.py).
     min_acceptance: float | None = None
     ema_decay: float = 0.7  # weight of the past in the acceptance EMA
     probe_every: int = 8  # a sequence that stopped proposing tries k=1 every this many steps

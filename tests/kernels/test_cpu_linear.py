@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import cpu_linear
+from kernels.cpu_decode_layer import MAX_ROWS
 from kernels.linear import linear
 from kernels.quant_matmul import (
     dequantize_int4,
@@ -136,7 +137,7 @@ def test_int4_matches_dequantized_reference(m: int, group: int, dtype: torch.dty
 def test_ops_route_small_batches_to_the_kernels() -> None:
     """`linear`/`int8_linear` on CPU give the kernel's exact output for decode-sized batches."""
     rows = cpu_linear.bf16_max_rows()
-    assert rows == (cpu_linear.AMX_MAX_ROWS if _has_amx() else 4)
+    assert rows == (cpu_linear.AMX_MAX_ROWS if _has_amx() else cpu_linear.AVX512_MAX_ROWS)
     x, w, _ = _inputs(rows, 24, 64, torch.bfloat16, seed=1)
     assert torch.equal(linear(x, w), cpu_linear.linear_bf16(x, w))
     q, s = quantize_int8(w.float())
@@ -148,3 +149,12 @@ def test_ops_route_small_batches_to_the_kernels() -> None:
     assert_close(int4_linear(x.float(), packed, scales, zeros, 32),
                  _reference(x, dequantize_int4(packed, scales, zeros, 32), None), torch.float32,
                  "int4 op")
+
+
+def test_every_fused_step_size_streams_through_the_kernel() -> None:
+    """A speculative verify of up to the fused layer's row limit must score its LM-head rows
+    with the kernel that scores a plain decode, or bf16 greedy output could differ between
+    them (torch's GEMM rounds differently)."""
+    if not cpu_linear.supports(cpu_linear.BF16):
+        pytest.skip("no AVX512-BF16: bf16 matmuls run in torch")
+    assert cpu_linear.bf16_max_rows() >= MAX_ROWS

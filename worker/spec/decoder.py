@@ -47,7 +47,7 @@ from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
 from worker.spec.tree import depths, first_branch, is_chain, tree_holes, walk_greedy
 from worker.spec.verifier import verify_greedy, verify_sampled
 
-_PRIOR_ACCEPTANCE = 0.6  # a new sequence starts here (k=2 with the default min_acceptance)
+_PRIOR_ACCEPTANCE = 0.6  # a new sequence starts here (k=2 where min_acceptance is 0.3)
 
 
 @dataclass

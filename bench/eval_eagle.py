@@ -64,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     model = tf.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
     seqs = answers(model, tok, args.max_tokens)
     names = list(seqs)
-    feats = teacher(model, [seqs[n][0] for n in names])
     embed, lm_head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
     rows = []
+    feats: dict[tuple[int, ...], list] = {}  # by the layers a head reads
     for folder in args.heads.split(","):
         head = load_eagle_head(Path(folder), embed, lm_head, torch.float32)
-        for name, (ids, h) in zip(names, feats, strict=True):
+        layers = head.cfg.feature_layers
+        if layers not in feats:
+            feats[layers] = teacher(model, [seqs[n][0] for n in names], layers=layers)
+        for name, (ids, h) in zip(names, feats[layers], strict=True):
             item = [(ids, h, seqs[name][1])]
             runs = chain_acceptance(head, item, args.k)
             rows.append({"head": folder, "prompt": name, "answer_tokens": len(ids) - seqs[name][1],

@@ -182,27 +182,46 @@ def generate_chats(model_dir: Path, prompts: list[str], self_written: int, seed:
 
 
 @torch.inference_mode()
-def teacher(model, seqs: list[list[int]], batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids, the target's last hidden state after its final norm, bf16) per sequence. Batches
+def teacher(model, seqs: list[list[int]], batch: int = 8,
+            layers: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, features, bf16) per sequence: the residual stream entering each decoder layer of
+    `layers`, then the target's last hidden state after its final norm, side by side. Batches
     are padded on the right, which a causal model's real positions never see."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    streams: list[torch.Tensor] = []
+    hooks = [model.model.layers[i].register_forward_pre_hook(
+        lambda _m, args, kwargs: streams.append(
+            (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            .to(torch.bfloat16)), with_kwargs=True) for i in layers]
     t0 = time.perf_counter()
-    for a in range(0, len(order), batch):
-        group = order[a:a + batch]
-        width = max(len(seqs[i]) for i in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        for r, i in enumerate(group):
-            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-        h = model.model(input_ids=ids).last_hidden_state.to(torch.bfloat16)
-        for r, i in enumerate(group):
-            out[i] = (ids[r, :len(seqs[i])].clone(), h[r, :len(seqs[i])].clone())
+    try:
+        for a in range(0, len(order), batch):
+            group = order[a:a + batch]
+            width = max(len(seqs[i]) for i in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            for r, i in enumerate(group):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            streams.clear()
+            final = model.model(input_ids=ids).last_hidden_state.to(torch.bfloat16)
+            h = torch.cat([*streams, final], dim=-1)
+            for r, i in enumerate(group):
+                out[i] = (ids[r, :len(seqs[i])].clone(), h[r, :len(seqs[i])].clone())
+    finally:
+        for hook in hooks:
+            hook.remove()
     n = sum(len(s) for s in seqs)
     print(f"teacher: {n} tokens in {time.perf_counter() - t0:.0f} s")
     return [o for o in out if o is not None]
 
 
-Item = tuple[torch.Tensor, torch.Tensor, int]  # ids, target features, first position with a loss
+# ids, target features (streams ++ final feature, EagleHead.project), first position with a loss
+Item = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def _final(feats: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The target's final feature out of a row of features: what its LM head reads."""
+    return feats[..., -hidden:]
 
 
 def choose_vocab(data: list[Item], lm_head: torch.Tensor,
@@ -211,7 +230,7 @@ def choose_vocab(data: list[Item], lm_head: torch.Tensor,
     many of its predictions they cover."""
     counts: Counter[int] = Counter()
     for _, h, _ in data:
-        counts.update(F.linear(h, lm_head).argmax(-1).tolist())
+        counts.update(F.linear(_final(h, lm_head.shape[1]), lm_head).argmax(-1).tolist())
     vocab = [t for t, _ in counts.most_common(size)]
     covered = sum(counts[t] for t in vocab) / max(1, sum(counts.values()))
     return vocab, covered
@@ -251,17 +270,18 @@ def train(head: EagleHead, data: list[Item], held: list[Item], batch: int, lr: f
             head.train()
         ids, feats, mask = _batch(random.sample(data, batch))
         positions = torch.arange(ids.shape[1])
+        final = _final(feats, head.cfg.hidden_size)
         # The classification loss needs [rows, vocab] logits, most of a step's cost: it is taken
         # on a random `ce_fraction` of the rows, the feature loss on all of them.
         sel = mask & (torch.rand(mask.shape) < ce_fraction)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.no_grad():
-                target = F.softmax(head.logits(feats[sel]).float(), dim=-1)
-            g1, _, _ = head.layer(ids, _shift(feats), positions)
+                target = F.softmax(head.logits(final[sel]).float(), dim=-1)
+            g1, _, _ = head.layer(ids, _shift(head.project(feats)), positions)
             g2, _, _ = head.layer(ids, _shift(g1), positions)
             loss = torch.zeros(())
             for g in (g1, g2):
-                reg = F.smooth_l1_loss(g.float(), feats, reduction="none").mean(-1)
+                reg = F.smooth_l1_loss(g.float(), final, reduction="none").mean(-1)
                 ce = -(target * F.log_softmax(head.logits(g[sel]).float(), dim=-1)).sum(-1)
                 loss = loss + feature_weight * (reg * mask).sum() / mask.sum() + ce.mean()
         opt.zero_grad()
@@ -289,10 +309,12 @@ def first_token_accuracy(head: EagleHead, held: list[Item]) -> float:
     hits = total = 0
     to_target = torch.tensor(head.cfg.vocab)
     for ids, h, start in held:
-        g, _, _ = head.layer(ids[None], _shift(h.float()[None]), torch.arange(len(ids)))
+        g, _, _ = head.layer(ids[None], _shift(head.project(h.float()[None])),
+                             torch.arange(len(ids)))
         pred = to_target[head.logits(g[0]).argmax(-1)]
         # the target's greedy token among the head's vocabulary (which covers ~all of them)
-        want = to_target[F.linear(h.float(), head.head.float()).argmax(-1)]
+        want = to_target[F.linear(_final(h.float(), head.cfg.hidden_size),
+                                  head.head.float()).argmax(-1)]
         hits += int((pred[start:] == want[start:]).sum())
         total += len(ids) - start
     return hits / max(1, total)
@@ -308,7 +330,7 @@ def chain_acceptance(head: EagleHead, data: list[Item], k: int) -> list[int]:
     lengths = []
     for ids, h, start in data:
         pos = torch.arange(len(ids))
-        g, keys, values = head.layer(ids, _shift(h.float()), pos,
+        g, keys, values = head.layer(ids, _shift(head.project(h.float())), pos,
                                      cache=(torch.zeros(head.cfg.num_kv_heads, 0,
                                                         head.cfg.head_dim),) * 2)
         for n in range(start + 1, len(ids) - 1, 2):
@@ -357,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--austen-tokens", type=int, default=60000)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--feature-layers", default="",
+                   help="comma-separated target layers whose input streams the head reads "
+                        "besides the final feature (EAGLE-3), e.g. 2,15,27; empty: EAGLE-1")
     p.add_argument("--train-seconds", type=float, default=900)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -368,10 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="keep the generated chats in this file")
     p.add_argument("--features", default=None,
-                   help="keep the target's features in this file (~1.2 KB per token)")
+                   help="keep the target's features in this file (~1.2 KB per token per "
+                        "feature layer, plus one)")
     p.add_argument("--resume", default=None,
                    help="continue training the head in this folder (its vocabulary too)")
     args = p.parse_args(argv)
+    try:
+        layers = tuple(int(x) for x in args.feature_layers.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--feature-layers {args.feature_layers!r}: give layer numbers, e.g. 2,15,27")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -390,46 +420,60 @@ def main(argv: list[str] | None = None) -> int:
                                args.self_written, args.seed, args.max_tokens)
         if cache is not None:
             cache.write_text(json.dumps(chats))
-    tok = Tokenizer.from_dir(target_dir)
-    text = tok.encode(AUSTEN.read_text(), add_special_tokens=False)
-    chunk = 256
-    offsets = list(range(0, len(text) - chunk, chunk))
-    random.shuffle(offsets)
-    prose = [text[o:o + chunk] for o in offsets[:max(0, args.austen_tokens // chunk)]]
+    prose: list[list[int]] = []
+    if args.austen_tokens > 0:
+        text = Tokenizer.from_dir(target_dir).encode(AUSTEN.read_text(), add_special_tokens=False)
+        chunk = 256
+        offsets = list(range(0, len(text) - chunk, chunk))
+        random.shuffle(offsets)
+        prose = [text[o:o + chunk] for o in offsets[:args.austen_tokens // chunk]]
 
     model = tf.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
+    if any(not 0 < i < model.config.num_hidden_layers for i in layers):
+        p.error(f"--feature-layers: the target's layers are 1..{model.config.num_hidden_layers - 1}"
+                " (0 would be the embedding, which the head reads anyway)")
     features = Path(args.features) if args.features else None
-    if features is not None and features.is_file():
-        items = torch.load(features)
+    saved = torch.load(features) if features is not None and features.is_file() else None
+    if saved is not None and tuple(saved["layers"]) == layers:
+        items = saved["items"]
     else:
         whole = [a + b for a, b in chats]
         starts = [len(prompt) - 1 for prompt, _ in chats] + [0] * len(prose)
         items = [(ids, h, start) for (ids, h), start in
-                 zip(teacher(model, whole + prose), starts, strict=True)]
+                 zip(teacher(model, whole + prose, layers=layers), starts, strict=True)]
         if features is not None:
-            torch.save(items, features)
+            torch.save({"layers": layers, "items": items}, features)
     held, data = items[:args.held_out], items[args.held_out:]
     lm_head = model.lm_head.weight.detach()
     embed = model.model.embed_tokens.weight.detach()
-    vocab, covered = choose_vocab(data, lm_head, args.vocab)
-    print(f"head vocabulary {len(vocab)} covers {covered:.3f} of the target's predictions")
-    tcfg = model.config
-    cfg = EagleHeadConfig(
-        hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size,
-        num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
-        head_dim=tcfg.head_dim, rms_norm_eps=tcfg.rms_norm_eps,
-        rope_theta=float(getattr(tcfg, "rope_theta", None)
-                         or tcfg.rope_parameters["rope_theta"]),
-        vocab=tuple(vocab))
-    head = EagleHead(cfg)
     previous: dict = {}
     if args.resume:
+        # A head trained on the final feature alone can grow feature layers: they start unused
+        # (EagleHead's feature_proj), so training begins from what it drafts already. It keeps
+        # its vocabulary.
         previous = json.loads((Path(args.resume) / CONFIG_FILE).read_text())
-        head = EagleHead(msgspec.convert(previous["config"], EagleHeadConfig))
-        head.load_state_dict({k: v.float() for k, v in
-                              load_file(str(Path(args.resume) / WEIGHTS_FILE)).items()})
-        covered = previous.get("vocab_coverage", covered)
+        old = msgspec.convert(previous["config"], EagleHeadConfig)
+        if old.feature_layers and old.feature_layers != layers:
+            p.error(f"--resume {args.resume} reads layers {old.feature_layers}; "
+                    f"give --feature-layers {','.join(map(str, old.feature_layers))}")
+        head = EagleHead(msgspec.structs.replace(old, feature_layers=layers))
+        weights = {k: v.float() for k, v in load_file(str(Path(args.resume) / WEIGHTS_FILE)).items()}
+        missing, unexpected = head.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith(("feature_proj", "stream_norm")) for k in missing):
+            raise SystemExit(f"--resume {args.resume}: not a head of this shape "
+                             f"(missing {missing}, unexpected {unexpected})")
+        covered = previous.get("vocab_coverage", 0.0)
     else:
+        vocab, covered = choose_vocab(data, lm_head, args.vocab)
+        print(f"head vocabulary {len(vocab)} covers {covered:.3f} of the target's predictions")
+        tcfg = model.config
+        head = EagleHead(EagleHeadConfig(
+            hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size,
+            num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
+            head_dim=tcfg.head_dim, rms_norm_eps=tcfg.rms_norm_eps,
+            rope_theta=float(getattr(tcfg, "rope_theta", None)
+                             or tcfg.rope_parameters["rope_theta"]),
+            vocab=tuple(vocab), feature_layers=layers))
         init_from_last_layer(head, model)
     head.attach_target(embed.float(), lm_head.float())
     del model

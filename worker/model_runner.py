@@ -17,6 +17,7 @@ from kernels.paged_attention import AttentionMetadata
 from protos.messages import StepPlan
 from worker.config import ConfigError, EngineConfig, ModelConfig
 from worker.models import build_model
+from worker.models.llama import StreamTap
 from worker.parallel import SINGLE, WHOLE_MODEL, StageInfo, TPInfo
 from worker.quant import load_quantized
 from worker.scheduler import SchedulerOutput
@@ -67,8 +68,11 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
-        # An EAGLE proposer reads each step's final hidden states (worker/spec/eagle_proposer.py).
+        # An EAGLE proposer reads each step's final hidden states (worker/spec/eagle_proposer.py),
+        # after the residual streams entering `hidden_layers` where its head reads those too
+        # (EAGLE-3): [T, (len(hidden_layers) + 1) * hidden] per step.
         self.keep_hidden = False
+        self.hidden_layers: tuple[int, ...] = ()
         self.last_hidden: torch.Tensor | None = None
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
@@ -237,9 +241,14 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)
-        hidden = self.model(input_ids, positions, self._metadata(plan))
-        if self.keep_hidden:
-            self.last_hidden = hidden
+        if self.keep_hidden and self.hidden_layers:
+            tap = StreamTap(self.hidden_layers)
+            hidden = self.model(input_ids, positions, self._metadata(plan), tap=tap)
+            self.last_hidden = torch.cat((*tap.streams, hidden), dim=-1)
+        else:
+            hidden = self.model(input_ids, positions, self._metadata(plan))
+            if self.keep_hidden:
+                self.last_hidden = hidden
         if not plan.sample_indices:
             return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
         idx = torch.tensor(plan.sample_indices, dtype=torch.int64, device=dev)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -60,12 +61,23 @@ def identity_head(cfg: EagleHeadConfig) -> EagleHead:
     return head
 
 
+def layers_head(cfg: EagleHeadConfig) -> EagleHead:
+    """The identity head, reading the stream entering layer 1 too (EAGLE-3): its feature is
+    a random mix of that stream and the final feature, so drafts depend on both."""
+    head = identity_head(msgspec.structs.replace(cfg, feature_layers=(1,)))
+    with torch.no_grad():
+        head.feature_proj.weight[:, :cfg.hidden_size].normal_(0, 0.1)
+        head.stream_norm.uniform_(0.5, 1.5)
+    return head
+
+
 @pytest.fixture(scope="module")
 def heads(model, tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg = head_config(model)
     out = {}
-    for name, head in (("identity", identity_head(cfg)), ("random", EagleHead(cfg))):
+    for name, head in (("identity", identity_head(cfg)), ("random", EagleHead(cfg)),
+                       ("layers", layers_head(cfg))):
         out[name] = tmp_path_factory.mktemp(name)
         save_eagle_head(head, out[name], {"made_by": "test"})
     return out
@@ -122,7 +134,7 @@ def test_cached_rows_equal_the_training_pass(model):
 
 
 @pytest.mark.parametrize(("kind", "width"), [("identity", 1), ("random", 1), ("identity", 3),
-                                             ("random", 2)])
+                                             ("random", 2), ("layers", 2)])
 def test_eagle_is_exact(model, heads, baseline, kind, width):
     eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0, eagle_min_confidence=0.0,
                                    eagle_tree_width=width, eagle_tree_min_prob=0.0))
@@ -133,9 +145,9 @@ def test_eagle_is_exact(model, heads, baseline, kind, width):
     m = eng.spec.metrics
     assert m.proposed_tokens > 0
     assert bool(paths) == (width > 1)  # trees were drafted and walked
-    if kind == "identity":  # acceptance, partial acceptance and rejection all happened
+    if kind != "random":  # acceptance, partial acceptance and rejection all happened
         assert 0 < m.accepted_tokens < m.proposed_tokens
-    if width > 1 and kind == "identity":  # branches other than the first were accepted
+    if width > 1 and kind != "random":  # branches other than the first were accepted
         assert any(p != list(range(len(p))) for p in paths)
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
     assert not eng.spec.proposer._states  # freed with their sequences
@@ -168,14 +180,16 @@ def test_eagle_exact_with_prefix_hits_and_preemption(model, heads, baseline):
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
-@pytest.mark.parametrize("width", [1, 3])
+@pytest.mark.parametrize(("kind", "width"), [("identity", 1), ("identity", 3), ("layers", 3)])
 @pytest.mark.parametrize("backend", ["fused", "torch"])
-def test_head_sees_the_targets_features_at_the_right_positions(model, heads, backend, width):
+def test_head_sees_the_targets_features_at_the_right_positions(model, heads, backend, kind,
+                                                              width):
     """After a run with accepted and rejected proposals, the head's KV cache must be what one
     pass over the committed tokens, fed the target's own hidden states, computes: through the
     fused C layer over its paged pool, and through torch ops over per-sequence tensors. With
-    trees, the features of the accepted branch must be the ones kept."""
-    eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
+    trees, the features of the accepted branch must be the ones kept; with an EAGLE-3 head,
+    the streams of its layers beside them."""
+    eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0,
                                    eagle_min_confidence=0.0, eagle_tree_width=width,
                                    eagle_tree_min_prob=0.0))
     proposer = eng.spec.proposer
@@ -201,10 +215,13 @@ def test_head_sees_the_targets_features_at_the_right_positions(model, heads, bac
     # The target's final hidden states over the committed tokens, from one plain prefill.
     ref = make_engine(model, None)
     ref.runner.keep_hidden = True
+    ref.runner.hidden_layers = proposer.head.cfg.feature_layers
     run_to_completion(ref, [Request(request_id="y", prompt_token_ids=tokens,
                                     sampling=greedy(1))])
     hidden = ref.runner.last_hidden
-    assert hidden is not None and hidden.shape[0] == len(tokens)
+    assert hidden is not None and hidden.shape == (len(tokens), proposer.head.feature_width)
+    with torch.inference_mode():
+        hidden = proposer.head.project(hidden)
     feats = torch.cat((torch.zeros_like(hidden[:1]), hidden[:-1]))
     with torch.inference_mode():
         _, k_ref, v_ref = proposer.head.layer(torch.tensor(tokens)[None], feats[None],
@@ -225,6 +242,58 @@ def test_errors_name_the_fix(model, heads, tmp_path):
     with pytest.raises(ConfigError, match="hidden size 32"):
         load_eagle_head(tmp_path / "wide", torch.zeros(256, 64), torch.zeros(256, 64),
                         torch.float32)
+    deep = EagleHead(msgspec.structs.replace(head_config(model), feature_layers=(2,)))
+    save_eagle_head(deep, tmp_path / "deep")
+    with pytest.raises(ConfigError, match=r"reads target layers \[2\]; this model's are 1\.\.1"):
+        make_engine(model, eagle(tmp_path / "deep"))
+
+
+@pytest.mark.parametrize("prompt_len", [5, 11])
+def test_stream_tap_reads_what_the_training_teacher_reads(tiny_model_dir, prompt_len):
+    """The runner's rows (streams entering the tapped layers, then the final feature) must be
+    what bench/train_eagle.py's teacher trains on: transformers on the same weights. Short
+    prompts and decode steps run through the fused layers, cut at the tapped layers; the
+    longer prompt's prefill through torch's. Tapping must not change what is generated."""
+    from bench.train_eagle import teacher
+
+    kv4 = tiny_model_dir("llama-kv4")  # 4 layers
+    prompt = list(range(30, 30 + prompt_len))
+    plain = run_to_completion(make_engine(kv4, None), [Request(
+        request_id="p", prompt_token_ids=prompt, sampling=greedy(6))])
+    eng = make_engine(kv4, None)
+    eng.runner.keep_hidden, eng.runner.hidden_layers = True, (1, 3)
+    rows, execute = [], eng.runner.execute
+
+    def keep(plan):
+        out = execute(plan)
+        rows.append(eng.runner.last_hidden.clone())
+        return out
+
+    eng.runner.execute = keep
+    out = run_to_completion(eng, [Request(request_id="t", prompt_token_ids=prompt,
+                                          sampling=greedy(6))])
+    assert tokens_of(out["t"]) == tokens_of(plain["p"])
+    ids = prompt + tokens_of(out["t"])[:-1]  # the last token is never fed
+    got = torch.cat(rows)
+    assert got.shape == (len(ids), 3 * 64)
+
+    import transformers as tf
+
+    hf = tf.LlamaForCausalLM.from_pretrained(kv4, dtype=torch.float32).eval()
+    [(_, want)] = teacher(hf, [ids], layers=(1, 3))
+    # the teacher keeps bf16: compare at its precision
+    torch.testing.assert_close(got.to(torch.bfloat16), want, atol=2e-2, rtol=2e-2)
+    assert not torch.equal(got[:, :64], got[:, 64:128])  # two different streams
+
+
+def test_an_eagle3_head_starts_from_the_final_feature(model):
+    """A head that grows feature layers (bench/train_eagle.py --resume --feature-layers) must
+    draft as before until training moves it: its projection starts as the final feature."""
+    torch.manual_seed(3)
+    head = EagleHead(msgspec.structs.replace(head_config(model), feature_layers=(1,)))
+    rows = torch.randn(5, 2 * 64) * 3
+    torch.testing.assert_close(head.project(rows), rows[:, 64:])
+    assert head.feature_width == 128
 
 
 def test_shipped_head_matches_the_default_models_folders(tmp_path):

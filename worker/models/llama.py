@@ -7,6 +7,7 @@ the tokens split into sequences. Logits are computed only for the rows the sampl
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -23,6 +24,21 @@ from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from worker.layers.norm import RMSNorm
 from worker.layers.rotary import RotaryEmbedding
 from worker.parallel import SINGLE, WHOLE_MODEL, StageInfo, TPInfo
+
+
+@dataclass
+class StreamTap:
+    """Asks a forward for the residual stream entering each decoder layer of `layers` (an
+    EAGLE-3 head reads low, middle and high layers, worker/spec/eagle_head.py); the forward
+    appends them to `streams` in that order, one [T, hidden] tensor each."""
+
+    layers: tuple[int, ...]
+    streams: list[torch.Tensor] = field(default_factory=list)
+
+
+def _stream(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream between layers: the next layer's norm adds the two first."""
+    return x.clone() if residual is None else x + residual
 
 
 class LlamaAttention(nn.Module):
@@ -119,6 +135,8 @@ class LlamaModel(nn.Module):
         # Fused CPU decode layers, built on first use (after the KV cache is bound) and keyed by
         # the cache they point into; a None stack: this model cannot use them.
         self._fused: tuple[int, fused.LayerStack | None, int] | None = None
+        # The fused stack cut where a StreamTap reads, by the layers it reads.
+        self._segments: dict[tuple[int, ...], list[tuple[int, fused.LayerStack]]] = {}
 
     def fused_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> fused.LayerStack | None:
         """This stage's layers for the fused kernel when this step can use them, else None."""
@@ -133,24 +151,46 @@ class LlamaModel(nn.Module):
                 self._fused = (key, None, 0)
             else:
                 self._fused = (key, fused.LayerStack(specs), fused.max_rows(specs))
+            self._segments.clear()
         _, stack, max_rows = self._fused
         return stack if stack is not None and x.shape[0] <= max_rows else None
 
+    def _cut(self, stack: fused.LayerStack,
+             layers: tuple[int, ...]) -> list[tuple[int, fused.LayerStack]]:
+        """(first layer, stack) per run of layers between the tapped ones: one C call each."""
+        if layers not in self._segments:
+            cuts = sorted({self.start, *(i for i in layers if self.start < i < self.end)})
+            self._segments[layers] = [
+                (a, fused.LayerStack(stack.specs[a - self.start:b - self.start]))
+                for a, b in zip(cuts, [*cuts[1:], self.end], strict=True)]
+        return self._segments[layers]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None,
+                tap: StreamTap | None = None) -> torch.Tensor:
         """`hidden`: the previous pipeline stage's output, None on the first stage. A stage that
         is not the last returns its residual stream (layer output + residual, summed): the next
-        layer's norm adds them first anyway, so one tensor crosses the link instead of two."""
+        layer's norm adds them first anyway, so one tensor crosses the link instead of two.
+        `tap`: residual streams to collect on the way (this stage's layers only)."""
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         residual = None
+        taps = tap.layers if tap is not None else ()
         if (stack := self.fused_layers(x, meta)) is not None:
             step = fused.StepSpec.for_tokens(positions, meta.slot_mapping, meta.block_tables,
                                              meta.query_start_host, meta.seq_lens_host,
                                              stack.specs[0], meta.attn_holes)
-            x, residual = fused.run_layers(stack, step, x)
+            if not taps:
+                x, residual = fused.run_layers(stack, step, x)
+            else:
+                for first, segment in self._cut(stack, taps):
+                    if first in taps:
+                        tap.streams.append(_stream(x, residual))
+                    x, residual = fused.run_layers(segment, step, x, residual)
         else:
-            for layer in self.layers[self.start:self.end]:
-                x, residual = layer(positions, x, residual, meta)
+            for i in range(self.start, self.end):
+                if i in taps:
+                    tap.streams.append(_stream(x, residual))
+                x, residual = self.layers[i](positions, x, residual, meta)
         if self.norm is None:
             return x + residual
         x, _ = self.norm(x, residual)
@@ -179,8 +219,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, hidden)
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None,
+                tap: StreamTap | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, hidden, tap)
 
     def checkpoint_target(self, name: str) -> str | None:
         """Where checkpoint tensor `name` goes on this pipeline stage, or None if another stage

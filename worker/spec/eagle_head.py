@@ -42,6 +42,10 @@ class EagleHeadConfig(msgspec.Struct, frozen=True, kw_only=True):
     rope_theta: float
     # draft id -> target id; the head scores only these tokens (most frequent first).
     vocab: tuple[int, ...]
+    # Target decoder layers whose input (the residual stream entering them) the head reads
+    # besides the final feature, as EAGLE-3 fuses low, middle and high layers; () reads the
+    # final feature alone (EAGLE-1/2).
+    feature_layers: tuple[int, ...] = ()
 
 
 class _RMSNorm(nn.Module):
@@ -117,6 +121,17 @@ class EagleHead(nn.Module):
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
         self.out_norm = _RMSNorm(d, cfg.rms_norm_eps)
+        if cfg.feature_layers:
+            # Each stream is normalized (their scales differ by layer), then one matmul maps
+            # streams ++ final feature into the final feature's space, where the head's own
+            # guesses live. It starts as "take the final feature": a head trained without the
+            # streams is the starting point, and training adds what the streams know.
+            n = len(cfg.feature_layers)
+            self.stream_norm = nn.Parameter(torch.ones(n, d))
+            self.feature_proj = nn.Linear((n + 1) * d, d, bias=False)
+            with torch.no_grad():
+                self.feature_proj.weight.zero_()
+                self.feature_proj.weight[:, n * d:].copy_(torch.eye(d))
         # Frozen copies of the target's rows: embedding (all tokens) and head (kept tokens).
         self.register_buffer("embed", torch.empty(0), persistent=False)
         self.register_buffer("head", torch.empty(0), persistent=False)
@@ -140,6 +155,22 @@ class EagleHead(nn.Module):
         ang = positions.float()[:, None] * self.inv_freq[None, :]
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    @property
+    def feature_width(self) -> int:
+        """Columns of a row of target features: the streams of `feature_layers`, then the
+        final feature."""
+        return (len(self.cfg.feature_layers) + 1) * self.cfg.hidden_size
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features ([..., feature_width]) -> the head's feature space ([..., hidden])."""
+        if not self.cfg.feature_layers:
+            return features
+        d, n = self.cfg.hidden_size, len(self.cfg.feature_layers)
+        streams = features[..., :n * d].unflatten(-1, (n, d))
+        streams = F.rms_norm(streams.float(), (d,), eps=self.cfg.rms_norm_eps)
+        streams = (streams * self.stream_norm.float()).to(features.dtype).flatten(-2)
+        return _lin(self.feature_proj, torch.cat((streams, features[..., n * d:]), dim=-1))
 
     def fuse_input(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """fc(embed(token) ++ feature before it): the layer's input rows."""

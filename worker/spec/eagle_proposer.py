@@ -81,6 +81,7 @@ class EagleProposer(Proposer):
                  layer: DraftLayer | None = None, tree_width: int = 1,
                  tree_min_prob: float = 0.1) -> None:
         self.head = head.eval()
+        self.feature_layers = head.cfg.feature_layers
         # the fused C layer over its own KV pool where it runs, else torch ops
         self.layer = layer if layer is not None else TorchEagleLayer(head)
         self.ngram = ngram
@@ -102,13 +103,15 @@ class EagleProposer(Proposer):
     def observe(self, seqs: list[Sequence], plan: StepPlan, hidden: torch.Tensor) -> None:
         if len(seqs) > self.max_batch_size:
             return  # nothing speculates in such steps; the head skips these positions
+        # into the head's feature space once per step, for all its rows (EAGLE-3 heads)
+        hidden = self.head.project(hidden.to(self._dtype))
         qs = plan.query_start
         for i, seq in enumerate(seqs):
             a, b = qs[i], qs[i + 1]
             if b <= a:
                 continue
             st = self._state(seq)
-            st.pending.append((plan.positions[a], hidden[a:b].to(self._dtype)))
+            st.pending.append((plan.positions[a], hidden[a:b]))
             while sum(len(r) for _, r in st.pending) > self.max_pending:
                 st.pending.pop(0)
 

@@ -52,6 +52,11 @@ def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
                               "another --quantization or none")
         lm_head = embed
     head = load_eagle_head(folder, embed, lm_head, runner.dtype)
+    layers, num_layers = head.cfg.feature_layers, engine.model_config.num_layers
+    if list(layers) != sorted(set(layers)) or any(not 0 < i < num_layers for i in layers):
+        raise ConfigError(f"the EAGLE head in {folder} reads target layers {list(layers)}; this "
+                          f"model's are 1..{num_layers - 1}, and a head must list them in "
+                          "increasing order: train one for this model with bench/train_eagle.py")
     ngram = NgramProposer(config.ngram_min, config.ngram_max) \
         if config.eagle_ngram_min_tokens else None
     layer = FusedEagleLayer(head, config.draft_kv_cache_bytes, engine.max_model_len) \
@@ -131,6 +136,7 @@ def build_spec_decoder(config: SpeculativeConfig, engine: Any,
     config = resolve_max_step_tokens(config, engine.runner.device, engine.runner.dtype)
     proposer = build_proposer(config, engine, draft_actors)
     engine.runner.keep_hidden = proposer.wants_features
+    engine.runner.hidden_layers = proposer.feature_layers
     # Token trees need the accepted branch's K/V moved in every layer: one process holds them
     # all only without parallelism (ModelRunner.move_kv; ParallelRunner has none).
     return SpecDecoder(config, proposer, engine.eos_token_ids, engine.max_model_len,

@@ -45,7 +45,8 @@ class Proposer(ABC):
     - free(seq): the sequence finished or was aborted; forget it.
     - observe(seqs, plan, hidden): only for proposers that set `wants_features`: after every
       forward, the target's final hidden states of all the plan's rows (seqs are the plan's
-      sequences, in its order).
+      sequences, in its order); with `feature_layers`, each row starts with the residual
+      streams entering those decoder layers (ModelRunner.hidden_layers).
     - on_tree_accept(seq, path): after a tree proposal was verified, before on_accept: the
       indices of its accepted tokens, root to leaf (a proposer that never proposes trees never
       gets it). A tree may come back cut to its first branch (sampled requests): then it is
@@ -55,6 +56,7 @@ class Proposer(ABC):
 
     name: str = "proposer"
     wants_features: bool = False
+    feature_layers: tuple[int, ...] = ()
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]: ...

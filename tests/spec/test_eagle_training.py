@@ -1,0 +1,67 @@
+"""bench/train_eagle.py end to end on a tiny target: a head trained from scratch, then grown into
+an EAGLE-3 head reading a middle layer's stream (--resume --feature-layers), which the engine
+loads, taps the right layer for, and drafts with exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from bench.train_eagle import main as train_eagle
+from tests.spec.test_eagle import eagle, make_engine, run
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama-gqa")  # 2 layers
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    """(prompt, answer) token ids as generate_chats caches them: the trainer reads the cache
+    instead of generating (the tiny target has no tokenizer or chat template)."""
+    rng = random.Random(0)
+    pairs = [([rng.randrange(3, 256) for _ in range(6)], [rng.randrange(3, 256) for _ in range(18)])
+             for _ in range(14)]
+    path = tmp_path_factory.mktemp("chats") / "chats.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def _args(target: Path, chats: Path, out: Path, *more: str) -> list[str]:
+    return ["--target", str(target), "--out", str(out), "--cache", str(chats),
+            "--austen-tokens", "0", "--held-out", "2", "--vocab", "64", "--train-seconds", "1",
+            "--batch", "4", "--k", "4", "--threads", "1", *more]
+
+
+def test_train_then_grow_feature_layers(target, chats, tmp_path):
+    first, grown = tmp_path / "first", tmp_path / "grown"
+    assert train_eagle(_args(target, chats, first)) == 0
+    record = json.loads((first / "eagle.json").read_text())
+    assert len(record["config"]["vocab"]) == 64 and record["config"]["feature_layers"] == []
+    assert record["held_out"]["chats"] == 2 and record["train"]["step"] > 0
+
+    assert train_eagle(_args(target, chats, grown, "--resume", str(first),
+                             "--feature-layers", "1")) == 0
+    record = json.loads((grown / "eagle.json").read_text())
+    assert record["config"]["feature_layers"] == [1]
+    assert record["config"]["vocab"] == json.loads((first / "eagle.json").read_text())[
+        "config"]["vocab"]  # a resumed head keeps its vocabulary
+    assert load_file(str(grown / "eagle.safetensors"))["feature_proj.weight"].shape == (64, 128)
+
+    plain = run(make_engine(target, None))
+    eng = make_engine(target, eagle(grown, min_acceptance=0.0, eagle_min_confidence=0.0))
+    assert eng.runner.hidden_layers == (1,)
+    assert run(eng) == plain
+    assert eng.spec.metrics.proposed_tokens > 0
+
+
+def test_feature_layers_are_checked(target, chats, tmp_path):
+    with pytest.raises(SystemExit):  # the target has layers 0 and 1; 0 is the embedding
+        train_eagle(_args(target, chats, tmp_path / "x", "--feature-layers", "2"))
+    with pytest.raises(SystemExit):
+        train_eagle(_args(target, chats, tmp_path / "y", "--feature-layers", "one"))

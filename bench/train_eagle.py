@@ -38,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from worker.config import ConfigError
 from worker.spec.eagle_head import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     EagleHead,
     EagleHeadConfig,
+    check_feature_layers,
     save_eagle_head,
 )
 
@@ -429,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         prose = [text[o:o + chunk] for o in offsets[:args.austen_tokens // chunk]]
 
     model = tf.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
-    if any(not 0 < i < model.config.num_hidden_layers for i in layers):
-        p.error(f"--feature-layers: the target's layers are 1..{model.config.num_hidden_layers - 1}"
-                " (0 would be the embedding, which the head reads anyway)")
+    try:
+        check_feature_layers(layers, model.config.num_hidden_layers)
+    except ConfigError as e:
+        p.error(f"--feature-layers: {e}")
     features = Path(args.features) if args.features else None
     saved = torch.load(features) if features is not None and features.is_file() else None
     if saved is not None and tuple(saved["layers"]) == layers:

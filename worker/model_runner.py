@@ -241,14 +241,10 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)
-        if self.keep_hidden and self.hidden_layers:
-            tap = StreamTap(self.hidden_layers)
-            hidden = self.model(input_ids, positions, self._metadata(plan), tap=tap)
-            self.last_hidden = torch.cat((*tap.streams, hidden), dim=-1)
-        else:
-            hidden = self.model(input_ids, positions, self._metadata(plan))
-            if self.keep_hidden:
-                self.last_hidden = hidden
+        tap = StreamTap(self.hidden_layers) if self.keep_hidden and self.hidden_layers else None
+        hidden = self.model(input_ids, positions, self._metadata(plan), tap=tap)
+        if self.keep_hidden:
+            self.last_hidden = hidden if tap is None else torch.cat((*tap.streams, hidden), dim=-1)
         if not plan.sample_indices:
             return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
         idx = torch.tensor(plan.sample_indices, dtype=torch.int64, device=dev)

@@ -244,7 +244,8 @@ def test_errors_name_the_fix(model, heads, tmp_path):
                         torch.float32)
     deep = EagleHead(msgspec.structs.replace(head_config(model), feature_layers=(2,)))
     save_eagle_head(deep, tmp_path / "deep")
-    with pytest.raises(ConfigError, match=r"reads target layers \[2\]; this model's are 1\.\.1"):
+    with pytest.raises(ConfigError, match=r"feature layers \[2\]: give layers of 1\.\.1.*"
+                                          r"bench/train_eagle\.py"):
         make_engine(model, eagle(tmp_path / "deep"))
 
 

@@ -65,3 +65,11 @@ def test_feature_layers_are_checked(target, chats, tmp_path):
         train_eagle(_args(target, chats, tmp_path / "x", "--feature-layers", "2"))
     with pytest.raises(SystemExit):
         train_eagle(_args(target, chats, tmp_path / "y", "--feature-layers", "one"))
+
+
+def test_feature_layers_must_come_in_order(tiny_model_dir, chats, tmp_path):
+    """A row holds the streams in the order the forward meets their layers: a head listing
+    them otherwise would read each stream as another."""
+    kv4 = tiny_model_dir("llama-kv4")  # 4 layers
+    with pytest.raises(SystemExit):
+        train_eagle(_args(kv4, chats, tmp_path / "z", "--feature-layers", "3,1"))

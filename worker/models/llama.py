@@ -157,10 +157,11 @@ class LlamaModel(nn.Module):
 
     def _cut(self, stack: fused.LayerStack,
              layers: tuple[int, ...]) -> list[tuple[int, fused.LayerStack]]:
-        """(first layer, stack) per run of layers between the tapped ones: one C call each."""
+        """(first layer, stack) per run of layers between the tapped ones: one C call each;
+        untapped, the whole stack."""
         if layers not in self._segments:
             cuts = sorted({self.start, *(i for i in layers if self.start < i < self.end)})
-            self._segments[layers] = [
+            self._segments[layers] = [(self.start, stack)] if len(cuts) == 1 else [
                 (a, fused.LayerStack(stack.specs[a - self.start:b - self.start]))
                 for a, b in zip(cuts, [*cuts[1:], self.end], strict=True)]
         return self._segments[layers]
@@ -179,13 +180,10 @@ class LlamaModel(nn.Module):
             step = fused.StepSpec.for_tokens(positions, meta.slot_mapping, meta.block_tables,
                                              meta.query_start_host, meta.seq_lens_host,
                                              stack.specs[0], meta.attn_holes)
-            if not taps:
-                x, residual = fused.run_layers(stack, step, x)
-            else:
-                for first, segment in self._cut(stack, taps):
-                    if first in taps:
-                        tap.streams.append(_stream(x, residual))
-                    x, residual = fused.run_layers(segment, step, x, residual)
+            for first, segment in self._cut(stack, taps):
+                if first in taps:
+                    tap.streams.append(_stream(x, residual))
+                x, residual = fused.run_layers(segment, step, x, residual)
         else:
             for i in range(self.start, self.end):
                 if i in taps:

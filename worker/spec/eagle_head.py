@@ -48,6 +48,16 @@ class EagleHeadConfig(msgspec.Struct, frozen=True, kw_only=True):
     feature_layers: tuple[int, ...] = ()
 
 
+def check_feature_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    """Raises ConfigError unless `layers` are decoder layers of a target with `num_layers`, in
+    increasing order: the order a forward meets them, so the order of the streams in a row of
+    features."""
+    if list(layers) != sorted(set(layers)) or any(not 0 < i < num_layers for i in layers):
+        raise ConfigError(
+            f"EAGLE feature layers {list(layers)}: give layers of 1..{num_layers - 1} (0 is the "
+            "embedding, which the head reads anyway) in increasing order")
+
+
 class _RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -29,7 +29,7 @@ def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Pa
 def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
     from worker.parallel_runner import ParallelRunner
     from worker.spec.eagle_fused import FusedEagleLayer
-    from worker.spec.eagle_head import load_eagle_head, shipped_head
+    from worker.spec.eagle_head import check_feature_layers, load_eagle_head, shipped_head
     from worker.spec.eagle_proposer import EagleProposer
 
     runner = engine.runner
@@ -52,11 +52,11 @@ def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
                               "another --quantization or none")
         lm_head = embed
     head = load_eagle_head(folder, embed, lm_head, runner.dtype)
-    layers, num_layers = head.cfg.feature_layers, engine.model_config.num_layers
-    if list(layers) != sorted(set(layers)) or any(not 0 < i < num_layers for i in layers):
-        raise ConfigError(f"the EAGLE head in {folder} reads target layers {list(layers)}; this "
-                          f"model's are 1..{num_layers - 1}, and a head must list them in "
-                          "increasing order: train one for this model with bench/train_eagle.py")
+    try:
+        check_feature_layers(head.cfg.feature_layers, engine.model_config.num_layers)
+    except ConfigError as e:
+        raise ConfigError(f"the EAGLE head in {folder} does not fit this model: {e}; train one "
+                          "for it with bench/train_eagle.py") from e
     ngram = NgramProposer(config.ngram_min, config.ngram_max) \
         if config.eagle_ngram_min_tokens else None
     layer = FusedEagleLayer(head, config.draft_kv_cache_bytes, engine.max_model_len) \

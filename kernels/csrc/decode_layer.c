@@ -14,37 +14,8 @@
 #include <string.h>
 
 #include "common.h"
+#include "decode_layer.h"
 #include "tandem_cpu.h"
-
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INT8 = 2, LIN_INT4 = 3 };
-
-typedef struct {
-    int64_t kind, group, n, k;
-    const void *w;        /* [n, k]; int4: packed [n, k / 2] */
-    const float *scales;  /* int8: [n]; int4: [n, k / group, 2] (scale, min) */
-    const void *bias;     /* [n] in the model dtype, or NULL */
-} TLinear;
-
-typedef struct {
-    TLinear qkv, o, gate_up, down;
-    const void *ln1, *ln2;
-    void *k_cache, *v_cache;  /* [num_blocks, block_size, Hkv, D] */
-    const float *cos_sin;     /* [max_pos, rot_dim] */
-    int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size, window,
-        rot_dim;
-    float eps, scale;
-} TLayer;
-
-typedef struct {
-    int64_t m;  /* sequences, one query token each */
-    const int64_t *positions, *slots;  /* [m] */
-    const int32_t *tables;             /* [m, table_stride] */
-    int64_t table_stride;
-    const int32_t *seq_lens, *rows;    /* [m]; rows = 0 .. m-1 */
-    const uint64_t *holes;             /* [m] keys hidden per row (tree attention), or NULL */
-    void *work;                        /* decode_layer_workspace_bytes() */
-    int64_t bf16, num_threads;
-} TStep;
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -59,7 +30,7 @@ size_t decode_layer_workspace_bytes(const TLayer *L, int64_t m, int64_t bf16) {
            align64(m * maxk2 * 4);
 }
 
-static void linear(const TLinear *lin, const void *x, int64_t m, void *y, float *fwork, int bf16,
+void decode_linear(const TLinear *lin, const void *x, int64_t m, void *y, float *fwork, int bf16,
                    int nt) {
     switch (lin->kind) {
     case LIN_F32:
@@ -78,7 +49,7 @@ static void linear(const TLinear *lin, const void *x, int64_t m, void *y, float 
     }
 }
 
-static void rms(const void *x, const void *res, void *res_out, const void *w, void *out,
+void decode_rms(const void *x, const void *res, void *res_out, const void *w, void *out,
                 int64_t m, int64_t hidden, float eps, int bf16, int nt) {
     if (bf16) rms_norm_bf16(x, res, res_out, w, out, m, hidden, eps, nt);
     else rms_norm_f32(x, res, res_out, w, out, m, hidden, eps, nt);
@@ -101,12 +72,12 @@ void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *re
     float *fwork = (float *)p;
 
     if (residual) {
-        rms(x, residual, residual_out, L->ln1, h, m, H, L->eps, bf16, nt);
+        decode_rms(x, residual, residual_out, L->ln1, h, m, H, L->eps, bf16, nt);
     } else {
         memcpy(residual_out, x, (size_t)(m * H) * e);
-        rms(x, NULL, NULL, L->ln1, h, m, H, L->eps, bf16, nt);
+        decode_rms(x, NULL, NULL, L->ln1, h, m, H, L->eps, bf16, nt);
     }
-    linear(&L->qkv, h, m, qkv, fwork, bf16, nt);
+    decode_linear(&L->qkv, h, m, qkv, fwork, bf16, nt);
     char *q = (char *)qkv, *k = q + Hq * D * e, *v = k + Hkv * D * e;
     rotary_inplace(q, qkv_n, Hq, k, qkv_n, Hkv, D, S->positions, m, L->cos_sin, L->rot_dim, bf16,
                    nt);
@@ -124,11 +95,11 @@ void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *re
         paged_decode_attention_f32(q, qkv_n, L->k_cache, L->v_cache, S->tables, S->table_stride,
                                    S->seq_lens, S->rows, S->rows, m, attn, Hq * D, Hq, Hkv, D,
                                    L->block_size, L->window, L->scale, nt, S->holes);
-    linear(&L->o, attn, m, o, fwork, bf16, nt);
-    rms(o, residual_out, residual_out, L->ln2, h2, m, H, L->eps, bf16, nt);
-    linear(&L->gate_up, h2, m, gu, fwork, bf16, nt);
+    decode_linear(&L->o, attn, m, o, fwork, bf16, nt);
+    decode_rms(o, residual_out, residual_out, L->ln2, h2, m, H, L->eps, bf16, nt);
+    decode_linear(&L->gate_up, h2, m, gu, fwork, bf16, nt);
     silu_and_mul(gu, act, m, I, bf16, nt);
-    linear(&L->down, act, m, x_out, fwork, bf16, nt);
+    decode_linear(&L->down, act, m, x_out, fwork, bf16, nt);
 }
 
 /* Lets the binding check that its structure layouts match this file's. */

@@ -379,7 +379,8 @@ def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
     node's ancestors (siblings and cousins drafted in the same calls are invisible)."""
     from types import SimpleNamespace
 
-    from worker.spec.eagle_proposer import _EagleState
+    from worker.spec.eagle_head import top_tokens
+    from worker.spec.eagle_proposer import Guess, _EagleState
 
     width = 3
     eng = make_engine(model, eagle(heads["random"], eagle_tree_width=width,
@@ -396,8 +397,9 @@ def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
         prop.head.o_proj.weight *= 30  # and attention that moves them
         if isinstance(prop.layer, FusedEagleLayer):  # its layer holds its own weight copies
             prop.layer = FusedEagleLayer(prop.head, 1 << 20, 256)
+        ids, logps = top_tokens(prop.head, last[None], width)
         tree = prop._tree(SimpleNamespace(num_tokens=5), _EagleState(prop.layer.new_cache()),
-                          last, 12)
+                          Guess(last, ids[0], logps[0]), 12)
         tokens, parents = tree.token_ids, tree.parents
         assert len(tokens) == 12 and max(d for d in _depths(parents)) >= 3
         to_target = torch.tensor(prop.head.cfg.vocab)

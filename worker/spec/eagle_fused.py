@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_decode_layer as fused
+from kernels.cpu_eagle_draft import DraftCall
 from kernels.rmsnorm import rms_norm
 from worker.spec.eagle_head import EagleHead
 
@@ -60,6 +61,10 @@ class FusedEagleLayer:
             head_dim=cfg.head_dim, scale=cfg.head_dim ** -0.5, sliding_window=None)
         self.max_position = max_position
         self.max_rows = fused.max_rows([self.spec])  # rows per kernel call
+        self._draft = DraftCall(self.spec, head.fc.weight.detach().contiguous(),
+                                head.embed.to(dtype).contiguous(),
+                                head.out_norm.weight.detach(), head.out_norm.eps,
+                                head.head.to(dtype).contiguous())
 
     def new_cache(self) -> list[int]:
         """A sequence's cache: the pool pages it holds."""
@@ -97,6 +102,25 @@ class FusedEagleLayer:
                            blocks, first_row + a, None if holes is None else holes[a:a + step])
                 for a in range(0, tokens.numel(), step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def draft(self, tokens: list[int], features: torch.Tensor, positions: list[int],
+              blocks: list[int], first_row: int, holes: list[int] | None = None,
+              scored: int = 0, width: int = 1,
+              ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+        """`layer` and the head's scoring in one C call per chunk of rows (kernels/csrc/
+        eagle_draft.c): the feature guesses of the rows, and for the last `scored` rows the
+        `width` likeliest draft-vocabulary ids with their log-probabilities, best first."""
+        m, step = len(tokens), self.max_rows
+        outs, ids, logps = [], [], []
+        for a in range(0, m, step):
+            b = min(m, a + step)
+            out, i, lp = self._draft(tokens[a:b], features[a:b], positions[a:b], blocks,
+                                     first_row + a, None if holes is None else holes[a:b],
+                                     min(b - a, max(0, scored - (m - b))), width)
+            outs.append(out)
+            ids += i
+            logps += lp
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), ids, logps
 
     def _rows(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               blocks: list[int], first_row: int, holes: torch.Tensor | None) -> torch.Tensor:

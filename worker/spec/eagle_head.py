@@ -224,6 +224,15 @@ class EagleHead(nn.Module):
         return linear(features, self.head.to(features.dtype))
 
 
+def top_tokens(head: EagleHead, features: torch.Tensor,
+               width: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The `width` likeliest draft-vocabulary ids after each feature row, with their
+    log-probabilities, best first."""
+    logp = torch.log_softmax(head.logits(features).float(), dim=-1)
+    top, idx = logp.topk(width, dim=-1)
+    return idx.tolist(), top.tolist()
+
+
 class TorchEagleLayer:
     """Drafting in torch ops, one growing KV tensor pair per sequence: where the fused C layer
     (worker/spec/eagle_fused.py) does not run, e.g. on CUDA. Same interface: a per-sequence
@@ -252,6 +261,19 @@ class TorchEagleLayer:
 
     def read(self, cache: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return cache[0][:, :rows], cache[1][:, :rows]
+
+    def draft(self, tokens: list[int], features: torch.Tensor, positions: list[int],
+              cache: list[torch.Tensor], first_row: int, holes: list[int] | None = None,
+              scored: int = 0, width: int = 1,
+              ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+        """`layer`, then the `width` likeliest draft-vocabulary ids (with log-probabilities,
+        best first) after each of the last `scored` rows."""
+        dev = features.device
+        g = self.layer(torch.tensor(tokens, device=dev), features,
+                       torch.tensor(positions, device=dev), cache, first_row,
+                       None if holes is None else torch.tensor(holes, device=dev))
+        ids, logps = top_tokens(self.head, g[g.shape[0] - scored:], width) if scored else ([], [])
+        return g, ids, logps
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               cache: list[torch.Tensor], first_row: int,

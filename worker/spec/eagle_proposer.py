@@ -40,11 +40,21 @@ DraftLayer = FusedEagleLayer | TorchEagleLayer
 
 
 @dataclass
+class Guess:
+    """The head's output at one position: its feature guess, and the likeliest next tokens
+    read from it (draft-vocabulary ids, best first) with their log-probabilities."""
+
+    feature: torch.Tensor
+    ids: list[int]
+    logps: list[float]
+
+
+@dataclass
 class _EagleState:
     cache: Any  # the draft layer's per-sequence cache (DraftLayer.new_cache)
     rows: int = 0  # committed rows in the cache; rows after them are rollout scratch
     done: int = 0  # next position to process (all before it were processed or skipped)
-    last: torch.Tensor | None = None  # the head's feature guess at position done-1
+    last: Guess | None = None  # the head's guess at position done-1
     # Observed target features not yet used: (position of the first row, rows).
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
@@ -95,7 +105,7 @@ class EagleProposer(Proposer):
         p = next(iter(head.parameters()))
         self._dtype, self._device = p.dtype, p.device
         # on the head's device, as are the positions and tokens it is given (CUDA included)
-        self._to_target = torch.tensor(head.cfg.vocab, dtype=torch.int64, device=p.device)
+        self._to_target = list(head.cfg.vocab)
         self._states: dict[str, _EagleState] = {}
 
     # -- features from the target -------------------------------------------------------------
@@ -149,35 +159,32 @@ class EagleProposer(Proposer):
             return self._tree(seq, st, last, k)
         if not self.layer.reserve(st.cache, st.rows + k):
             return NO_PROPOSAL  # the head's KV pool is full: no scratch rows for a rollout
-        feat, pos = last, seq.num_tokens - 1
+        feat, best, logp, pos = last.feature, last.ids[0], last.logps[0], seq.num_tokens - 1
         out: list[int] = []
         chance = 1.0
         while True:
-            probs = torch.softmax(self.head.logits(feat).float(), dim=-1)
-            conf, idx = probs.max(dim=-1)
-            chance *= float(conf)
+            chance *= math.exp(logp)
             if chance < self.min_confidence and out:
                 break
-            token = self._to_target[idx]
-            out.append(int(token))
+            token = self._to_target[best]
+            out.append(token)
             if len(out) >= k or pos + 1 >= self.layer.max_position:
                 break
             pos += 1  # a scratch row after the committed ones
-            g = self.layer.layer(token.view(1), feat.view(1, -1),
-                                 torch.tensor([pos], device=self._device), st.cache,
-                                 st.rows + len(out) - 1)
-            feat = g[0]
+            g, ids, logps = self.layer.draft([token], feat.view(1, -1), [pos], st.cache,
+                                             st.rows + len(out) - 1, scored=1, width=1)
+            feat, best, logp = g[0], ids[0][0], logps[0][0]
         self.proposals["head"] += 1
         return Proposal(out)
 
-    def _tree(self, seq: Sequence, st: _EagleState, last: torch.Tensor, k: int) -> Proposal:
+    def _tree(self, seq: Sequence, st: _EagleState, last: Guess, k: int) -> Proposal:
         width = self.tree_width
         max_rows = min(MAX_TREE_TOKENS, width * k)
         if not self.layer.reserve(st.cache, st.rows + max_rows):
             return NO_PROPOSAL
         root_pos = seq.num_tokens - 1
         nodes: list[_Node] = []
-        frontier = self._expand(nodes, [-1], last.view(1, -1), 1)
+        frontier = self._expand(nodes, [-1], [last.feature], [last.ids], [last.logps], 1)
         used = 0  # scratch rows
         while frontier:
             frontier.sort(key=lambda i: -nodes[i].logp)
@@ -198,15 +205,14 @@ class EagleProposer(Proposer):
                     a = nodes[a].parent
                 r = used + j
                 holes.append(sum(1 << (r - q) for q in range(r) if q not in mine))
-            g = self.layer.layer(
-                torch.tensor([nodes[i].token for i in chosen], device=self._device),
-                torch.stack([nodes[i].feat for i in chosen]),
-                torch.full((len(chosen),), root_pos + depth, device=self._device),
-                st.cache, st.rows + used, torch.tensor(holes, device=self._device))
+            g, ids, logps = self.layer.draft(
+                [nodes[i].token for i in chosen], torch.stack([nodes[i].feat for i in chosen]),
+                [root_pos + depth] * len(chosen), st.cache, st.rows + used, holes,
+                scored=len(chosen), width=width)
             for j, i in enumerate(chosen):
                 nodes[i].row = used + j
             used += len(chosen)
-            frontier = self._expand(nodes, chosen, g, depth + 1)
+            frontier = self._expand(nodes, chosen, list(g), ids, logps, depth + 1)
         # The k likeliest tokens, but none the head gives less than tree_min_prob: a verify row
         # costs ~2.5% of a decode here, so an unlikely token costs more than it brings.
         ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[:k]
@@ -217,24 +223,22 @@ class EagleProposer(Proposer):
         return Proposal([nodes[i].token for i in keep],
                         parents=[index.get(nodes[i].parent, -1) for i in keep])
 
-    def _expand(self, nodes: list[_Node], parents: list[int], feats: torch.Tensor,
-                depth: int) -> list[int]:
-        """Adds the tree_width likeliest next tokens under each parent (-1: the root), read
-        off the feature guesses `feats` (one row per parent); returns the new nodes."""
-        logp = torch.log_softmax(self.head.logits(feats).float(), dim=-1)
-        top, idx = logp.topk(self.tree_width, dim=-1)
-        tokens = self._to_target[idx].tolist()
+    def _expand(self, nodes: list[_Node], parents: list[int], feats: list[torch.Tensor],
+                ids: list[list[int]], logps: list[list[float]], depth: int) -> list[int]:
+        """Adds the tree_width likeliest next tokens under each parent (-1: the root): ids
+        and logps were read off the feature guesses `feats` (one per parent); returns the new
+        nodes."""
         new = []
         for j, parent in enumerate(parents):
             base = nodes[parent].logp if parent >= 0 else 0.0
-            for lp, tok in zip(top[j].tolist(), tokens[j]):
-                nodes.append(_Node(tok, parent, base + lp, depth, feats[j]))
+            for lp, i in zip(logps[j][:self.tree_width], ids[j][:self.tree_width]):
+                nodes.append(_Node(self._to_target[i], parent, base + lp, depth, feats[j]))
                 new.append(len(nodes) - 1)
         return new
 
-    def _catch_up(self, seq: Sequence, st: _EagleState) -> torch.Tensor | None:
+    def _catch_up(self, seq: Sequence, st: _EagleState) -> Guess | None:
         """Runs the head over committed positions it has target features for; returns its
-        feature guess at the last committed position (None if it has none)."""
+        guess at the last committed position (None if it has none)."""
         n = seq.num_tokens  # positions 0..n-1 are committed; position p needs feature p-1
         parts: list[tuple[int, torch.Tensor]] = []  # (first position, features before each)
         nxt = st.done
@@ -252,18 +256,19 @@ class EagleProposer(Proposer):
         st.pending.clear()
         if not parts:
             return st.last if st.done == n else None
-        positions = torch.cat([torch.arange(p, p + len(r)) for p, r in parts])
-        if int(positions[-1]) >= self.layer.max_position:
+        positions = [q for p, r in parts for q in range(p, p + len(r))]
+        if positions[-1] >= self.layer.max_position:
             return None
-        tokens = torch.tensor(seq.token_ids, dtype=torch.int64).index_select(0, positions)
-        positions, tokens = positions.to(self._device), tokens.to(self._device)
         feats = torch.cat([r for _, r in parts])
         if not self.layer.reserve(st.cache, st.rows + len(positions)):
             return None  # pool full: these positions stay missing from the head's cache
-        g = self.layer.layer(tokens, feats, positions, st.cache, st.rows)
+        scored = int(positions[-1] == n - 1)
+        g, ids, logps = self.layer.draft([seq.token_ids[q] for q in positions], feats,
+                                         positions, st.cache, st.rows, scored=scored,
+                                         width=self.tree_width)
         st.rows += len(positions)
         st.done = nxt
-        st.last = g[-1] if int(positions[-1]) == n - 1 else None
+        st.last = Guess(g[-1], ids[0], logps[0]) if scored else None
         return st.last if st.done == n else None
 
     def head_cache(self, request_id: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,94 @@
+"""CPU binding of kernels/csrc/eagle_draft.c: one drafting call of an EAGLE head, from token
+ids and features to its feature guesses and top tokens, in one C call.
+
+Drafting runs the head two to four times per speculative step, a few rows each time; around
+the ~0.55 ms of kernels a call took ~0.65 ms of small torch ops through Python (2-vCPU Xeon).
+Here Python passes lists and gets lists back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kernels import cpu_decode_layer as fused
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = fused._library()
+    if lib is None:
+        return None
+    lay, lin = ctypes.POINTER(fused._Layer), ctypes.POINTER(fused._Linear)
+    lib.eagle_draft.argtypes = [lay, lin, _ptr, _ptr, _f32, lin, _i64, _ptr, _ptr, _ptr, _ptr,
+                                _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+    lib.eagle_draft.restype = None
+    lib.eagle_draft_workspace_bytes.argtypes = [lay, _i64, _i64, _i64]
+    lib.eagle_draft_workspace_bytes.restype = ctypes.c_size_t
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+class DraftCall:
+    """An EAGLE head as the kernel reads it: its decoder layer (with the head's KV pool), the
+    input fusion `fc` ([hidden, 2 * hidden]), the target's embedding ([vocab, hidden]), the
+    output norm and the head's LM head rows ([draft vocab, hidden]), all in one dtype."""
+
+    def __init__(self, layer: fused.LayerSpec, fc: torch.Tensor, embed: torch.Tensor,
+                 out_norm: torch.Tensor, eps: float, head: torch.Tensor) -> None:
+        dtype = layer.dtype
+        tensors = (fc, embed, out_norm, head)
+        if not all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+                   for t in tensors):
+            raise ValueError("the drafting kernel needs contiguous CPU tensors of the "
+                             "layer's dtype")
+        kind = fused.LIN_BF16 if dtype == torch.bfloat16 else fused.LIN_F32
+        self.layer = layer
+        self.hidden = layer.hidden
+        self.vocab = head.shape[0]
+        self.dtype = dtype
+        self._keep = tensors  # the structs hold raw pointers into these
+        self._fc = fused._Linear(kind, 0, fc.shape[0], fc.shape[1], fc.data_ptr(), None, None)
+        self._head = fused._Linear(kind, 0, head.shape[0], head.shape[1], head.data_ptr(),
+                                   None, None)
+        self._embed, self._norm, self._eps = embed.data_ptr(), out_norm.data_ptr(), eps
+        self._work: dict[int, torch.Tensor] = {}
+
+    def _workspace(self, m: int) -> torch.Tensor:
+        work = self._work.get(m)
+        if work is None:
+            size = _library().eagle_draft_workspace_bytes(
+                ctypes.byref(self.layer.struct), m, self.vocab, int(self.dtype == torch.bfloat16))
+            work = self._work[m] = torch.empty(size, dtype=torch.uint8)
+        return work
+
+    def __call__(self, tokens: list[int], features: torch.Tensor, positions: list[int],
+                 table: list[int], first_row: int, holes: list[int] | None, scored: int,
+                 width: int) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+        """Feature guesses for len(tokens) rows stored at rows first_row.. of the sequence
+        whose head cache is in the pool pages `table`; and for the last `scored` rows the
+        `width` likeliest draft-vocabulary ids with their log-probabilities, best first."""
+        m = len(tokens)
+        assert features.shape == (m, self.hidden) and features.dtype == self.dtype
+        assert 0 <= scored <= m and width >= 1 and len(positions) == m
+        features = features.contiguous()
+        out = torch.empty(m, self.hidden, dtype=self.dtype)
+        ids = (ctypes.c_int64 * max(1, scored * width))()
+        logps = (ctypes.c_float * max(1, scored * width))()
+        _library().eagle_draft(
+            ctypes.byref(self.layer.struct), ctypes.byref(self._fc), self._embed, self._norm,
+            self._eps, ctypes.byref(self._head), m, (ctypes.c_int64 * m)(*tokens),
+            features.data_ptr(), (ctypes.c_int64 * m)(*positions),
+            (ctypes.c_int32 * len(table))(*table), first_row,
+            None if holes is None else (ctypes.c_uint64 * m)(*holes), scored, width,
+            out.data_ptr(), ids, logps, self._workspace(m).data_ptr(),
+            int(self.dtype == torch.bfloat16), torch.get_num_threads())
+        return (out, [ids[i * width:(i + 1) * width] for i in range(scored)],
+                [logps[i * width:(i + 1) * width] for i in range(scored)])

@@ -1,0 +1,94 @@
+"""The one-call drafting kernel (kernels/csrc/eagle_draft.c) against the path it replaces: the
+fused layer driven from Python, then the head's LM head, log_softmax and top-k in torch. Same
+features, same pool contents, same top tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_decode_layer as fused
+from worker.spec.eagle_fused import FusedEagleLayer
+from worker.spec.eagle_head import EagleHead, EagleHeadConfig, TorchEagleLayer, top_tokens
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_head(dtype: torch.dtype) -> EagleHead:
+    torch.manual_seed(0)
+    cfg = EagleHeadConfig(hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2,
+                          head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                          vocab=tuple(range(3, 203)))
+    head = EagleHead(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.2)
+        head.input_norm.weight.fill_(1.0)
+        head.post_attention_norm.weight.fill_(1.0)
+        head.out_norm.weight.fill_(1.0)
+    head = head.to(dtype).eval().requires_grad_(False)
+    head.attach_target(torch.randn(300, 64).to(dtype), torch.randn(300, 64).to(dtype))
+    head.fuse_for_drafting()
+    return head
+
+
+def python_path(layer: FusedEagleLayer, tokens, feats, positions, blocks, first_row, holes,
+                scored, width):
+    g = layer.layer(torch.tensor(tokens), feats, torch.tensor(positions), blocks, first_row,
+                    None if holes is None else torch.tensor(holes))
+    ids, logps = top_tokens(layer.head, g[g.shape[0] - scored:], width) if scored else ([], [])
+    return g, ids, logps
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_draft_kernel_equals_the_python_path(dtype):
+    if not fused.available(dtype):
+        pytest.skip("the fused decode layer is not built for this dtype here")
+    head = make_head(dtype)
+    ref, new = (FusedEagleLayer(head, 1 << 18, 512) for _ in range(2))
+    blocks_ref, blocks_new = ref.new_cache(), new.new_cache()
+    # Pages out of order, so that rows cross page boundaries through the table.
+    for layer, blocks in ((ref, blocks_ref), (new, blocks_new)):
+        layer.free_blocks.reverse()
+        assert layer.reserve(blocks, 64)
+    gen = torch.Generator().manual_seed(1)
+    # A catch-up longer than one kernel call (split in chunks), scoring its last row; then a
+    # tree step of three rows with holes (each row sees the committed rows and itself only),
+    # all scored; then a chain step.
+    n = ref.max_rows + 5
+    calls = [
+        (torch.randint(0, 300, (n,), generator=gen).tolist(), list(range(n)), 0, None, 1, 3),
+        ([7, 250, 11], [n] * 3, n, [0, 0b10, 0b110], 3, 3),
+        ([42], [n + 1], n + 1, None, 1, 1),
+    ]
+    for tokens, positions, first_row, holes, scored, width in calls:
+        feats = torch.randn(len(tokens), 64, generator=gen).to(dtype)
+        g_ref, ids_ref, lp_ref = python_path(ref, tokens, feats, positions, blocks_ref,
+                                             first_row, holes, scored, width)
+        g, ids, lps = new.draft(tokens, feats, positions, blocks_new, first_row, holes,
+                                scored, width)
+        exact = dtype == torch.bfloat16  # the same kernels and rounding points; fp32 fc is torch's
+        tol = {"atol": 0, "rtol": 0} if exact else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(g, g_ref, **tol)
+        assert ids == ids_ref
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(lp_ref), atol=1e-4, rtol=0)
+        assert len(ids) == scored and all(len(r) == width for r in ids)
+    torch.testing.assert_close(new.k_cache, ref.k_cache, **tol)
+    torch.testing.assert_close(new.v_cache, ref.v_cache, **tol)
+    assert new.k_cache.abs().sum() > 0  # rows were stored
+
+
+def test_torch_layer_drafts_alike():
+    """TorchEagleLayer.draft (CUDA, CPUs without the fused layer) gives the same guesses."""
+    head = make_head(torch.float32)
+    torch_layer = TorchEagleLayer(head)
+    cache = torch_layer.new_cache()
+    tokens, positions = [5, 9, 120, 33], [0, 1, 2, 3]
+    feats = torch.randn(4, 64)
+    g, ids, lps = torch_layer.draft(tokens, feats, positions, cache, 0, None, 2, 4)
+    g_ref, _, _ = head.layer(torch.tensor(tokens)[None], feats[None], torch.arange(4))
+    torch.testing.assert_close(g, g_ref[0], atol=1e-5, rtol=1e-5)
+    ref_ids, ref_lps = top_tokens(head, g_ref[0, 2:], 4)
+    assert ids == ref_ids and len(ids) == 2
+    torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-5, rtol=0)
+    assert torch_layer.draft(tokens, feats, positions, cache, 0)[1:] == ([], [])

@@ -92,3 +92,24 @@ def test_torch_layer_drafts_alike():
     assert ids == ref_ids and len(ids) == 2
     torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-5, rtol=0)
     assert torch_layer.draft(tokens, feats, positions, cache, 0)[1:] == ([], [])
+
+
+def test_pending_features_are_bounded_and_counted():
+    """Steps that do not speculate still hand the head their features; a sequence keeps at most
+    max_pending rows of them (the oldest go: the head's cache then lacks those positions), and
+    the count is kept as they come rather than summed at every step."""
+    from types import SimpleNamespace
+
+    from worker.spec.eagle_proposer import EagleProposer
+
+    head = make_head(torch.float32)
+    prop = EagleProposer(head, max_pending=5, layer=TorchEagleLayer(head))
+    seq = SimpleNamespace(request_id="a")
+    hidden = torch.randn(2, 64)
+    for step in range(7):  # rows 0-1 of every step: a sequence of two rows, then nothing
+        plan = SimpleNamespace(query_start=[0, 1 + step % 2], positions=[10 + step, 11 + step])
+        prop.observe([seq], plan, hidden)
+    st = prop._states["a"]
+    assert st.pending_rows == sum(len(r) for _, r in st.pending) <= 5
+    assert [first for first, _ in st.pending] == [14, 15, 16]  # the latest steps, 4 rows
+    assert st.pending_rows == 4

@@ -57,6 +57,7 @@ class _EagleState:
     last: Guess | None = None  # the head's guess at position done-1
     # Observed target features not yet used: (position of the first row, rows).
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    pending_rows: int = 0  # rows in `pending`, counted as they come (it may hold thousands)
 
 
 @dataclass
@@ -122,8 +123,9 @@ class EagleProposer(Proposer):
                 continue
             st = self._state(seq)
             st.pending.append((plan.positions[a], hidden[a:b]))
-            while sum(len(r) for _, r in st.pending) > self.max_pending:
-                st.pending.pop(0)
+            st.pending_rows += b - a
+            while st.pending_rows > self.max_pending:
+                st.pending_rows -= len(st.pending.pop(0)[1])
 
     def on_tree_accept(self, seq: Sequence, path: list[int]) -> None:
         """A verified tree's rows were the root and then its tokens: keep the root's and the
@@ -136,6 +138,7 @@ class EagleProposer(Proposer):
             if first == root:
                 keep = torch.tensor([0] + [node + 1 for node in path], device=rows.device)
                 st.pending[i] = (first, rows.index_select(0, keep))
+                st.pending_rows += len(keep) - len(rows)
                 return
 
     # -- proposals ---------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class EagleProposer(Proposer):
                 parts.append((first + lo + 1, rows[lo:hi]))
                 nxt = first + hi + 1
         st.pending.clear()
+        st.pending_rows = 0
         if not parts:
             return st.last if st.done == n else None
         positions = [q for p, r in parts for q in range(p, p + len(r))]

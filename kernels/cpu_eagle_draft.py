@@ -39,10 +39,13 @@ def available() -> bool:
 class DraftCall:
     """An EAGLE head as the kernel reads it: its decoder layer (with the head's KV pool), the
     input fusion `fc` ([hidden, 2 * hidden]), the target's embedding ([vocab, hidden]), the
-    output norm and the head's LM head rows ([draft vocab, hidden]), all in one dtype."""
+    output norm and the head's LM head rows ([draft vocab, hidden]), all in one dtype. The
+    layer's KV pool has `num_blocks` pages and its rotary table `max_position` rows: a call is
+    checked against them, since the kernel reads and writes wherever it is pointed."""
 
     def __init__(self, layer: fused.LayerSpec, fc: torch.Tensor, embed: torch.Tensor,
-                 out_norm: torch.Tensor, eps: float, head: torch.Tensor) -> None:
+                 out_norm: torch.Tensor, eps: float, head: torch.Tensor, *, num_blocks: int,
+                 max_position: int) -> None:
         dtype = layer.dtype
         tensors = (fc, embed, out_norm, head)
         if not all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
@@ -59,6 +62,7 @@ class DraftCall:
         self._head = fused._Linear(kind, 0, head.shape[0], head.shape[1], head.data_ptr(),
                                    None, None)
         self._embed, self._norm, self._eps = embed.data_ptr(), out_norm.data_ptr(), eps
+        self._tokens, self._blocks, self._positions = embed.shape[0], num_blocks, max_position
         self._work: dict[int, torch.Tensor] = {}
 
     def _workspace(self, m: int) -> torch.Tensor:
@@ -78,6 +82,19 @@ class DraftCall:
         m = len(tokens)
         assert features.shape == (m, self.hidden) and features.dtype == self.dtype
         assert 0 <= scored <= m and width >= 1 and len(positions) == m
+        page = self.layer.struct.block_size
+        if m == 0 or (holes is not None and len(holes) != m):
+            raise ValueError(f"a drafting call needs rows, and a hole mask per row ({m} rows)")
+        if not all(0 <= t < self._tokens for t in tokens):
+            raise ValueError(f"token ids {tokens} outside the embedding's {self._tokens} rows")
+        if not all(0 <= q < self._positions for q in positions):
+            raise ValueError(f"positions {positions} outside the rotary table's "
+                             f"{self._positions} rows")
+        if (first_row < 0 or len(table) * page < first_row + m
+                or not all(0 <= b < self._blocks for b in table)):
+            raise ValueError(f"rows {first_row}..{first_row + m - 1} need "
+                             f"{-(-(first_row + m) // page)} pages of the pool's "
+                             f"{self._blocks}; the table has {table}")
         features = features.contiguous()
         out = torch.empty(m, self.hidden, dtype=self.dtype)
         ids = (ctypes.c_int64 * max(1, scored * width))()

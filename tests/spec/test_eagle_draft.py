@@ -113,3 +113,22 @@ def test_pending_features_are_bounded_and_counted():
     assert st.pending_rows == sum(len(r) for _, r in st.pending) <= 5
     assert [first for first, _ in st.pending] == [14, 15, 16]  # the latest steps, 4 rows
     assert st.pending_rows == 4
+
+
+def test_draft_call_refuses_what_would_read_out_of_bounds():
+    """The kernel reads and writes where it is pointed: bad ids, positions or pages are
+    refused before it runs."""
+    if not fused.available(torch.float32):
+        pytest.skip("the fused decode layer is not built here")
+    head = make_head(torch.float32)
+    layer = FusedEagleLayer(head, 1 << 14, 64)  # 8 pages of 16 rows
+    blocks = layer.new_cache()
+    assert layer.reserve(blocks, 16)
+    feat = torch.randn(1, 64)
+    ok = layer.draft([5], feat, [3], blocks, 0, scored=1, width=2)
+    assert len(ok[1]) == 1
+    for tokens, positions, table, first_row, what in (
+            ([300], [3], blocks, 0, "token ids"), ([5], [64], blocks, 0, "positions"),
+            ([5], [3], blocks, 16, "pages"), ([5], [3], [99], 0, "pages")):
+        with pytest.raises(ValueError, match=what):
+            layer.draft(tokens, feat, positions, table, first_row, scored=1, width=2)

@@ -64,7 +64,8 @@ class FusedEagleLayer:
         self._draft = DraftCall(self.spec, head.fc.weight.detach().contiguous(),
                                 head.embed.to(dtype).contiguous(),
                                 head.out_norm.weight.detach(), head.out_norm.eps,
-                                head.head.to(dtype).contiguous())
+                                head.head.to(dtype).contiguous(), num_blocks=num_blocks,
+                                max_position=max_position)
 
     def new_cache(self) -> list[int]:
         """A sequence's cache: the pool pages it holds."""

@@ -36,8 +36,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # eagle: a rollout stops when the product of the head's top probabilities drops below this
     eagle_min_confidence: float = 0.3
     # eagle: the n-gram lookup's proposal wins where it runs to at least this many tokens
-    # (copying and loops); 0: the head alone
-    eagle_ngram_min_tokens: int = 2
+    # (copying and loops); 0: the head alone. 3: a 2-token match is right less often than the
+    # head's tree (docs/speculative.md)
+    eagle_ngram_min_tokens: int = 3
     # eagle: draft a token tree this wide (each node's likeliest next tokens), verified in one
     # forward (worker/spec/tree.py); 1: a chain. Greedy requests only; others get chains.
     # 2: on a Zen 5 CPU it beat chains on chat in three runs out of three (docs/speculative.md).

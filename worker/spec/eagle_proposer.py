@@ -88,7 +88,7 @@ class EagleProposer(Proposer):
 
     def __init__(self, head: EagleHead, *, min_confidence: float = 0.3,
                  max_batch_size: int = 8, max_pending: int = 4096,
-                 ngram: NgramProposer | None = None, ngram_min_tokens: int = 2,
+                 ngram: NgramProposer | None = None, ngram_min_tokens: int = 3,
                  layer: DraftLayer | None = None, tree_width: int = 1,
                  tree_min_prob: float = 0.1) -> None:
         self.head = head.eval()

@@ -32,10 +32,6 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def available() -> bool:
-    return _library() is not None
-
-
 class DraftCall:
     """An EAGLE head as the kernel reads it: its decoder layer (with the head's KV pool), the
     input fusion `fc` ([hidden, 2 * hidden]), the target's embedding ([vocab, hidden]), the

@@ -17,8 +17,6 @@
 #include "decode_layer.h"
 #include "tandem_cpu.h"
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
 size_t decode_layer_workspace_bytes(const TLayer *L, int64_t m, int64_t bf16) {
     const size_t e = bf16 ? 2 : 4;
     const int64_t qkv = (L->num_heads + 2 * L->num_kv_heads) * L->head_dim;

@@ -37,6 +37,8 @@ typedef struct {
     int64_t bf16, num_threads;
 } TStep;
 
+static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 size_t decode_layer_workspace_bytes(const TLayer *L, int64_t m, int64_t bf16);
 void decode_layer(const TLayer *L, const TStep *S, const void *x, const void *residual,
                   void *x_out, void *residual_out);

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernels import cpu_decode_layer as fused
-from worker.spec.eagle_fused import FusedEagleLayer
+from kernels.rmsnorm import rms_norm
+from worker.spec.eagle_fused import BLOCK, FusedEagleLayer
 from worker.spec.eagle_head import EagleHead, EagleHeadConfig, TorchEagleLayer, top_tokens
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -34,9 +35,22 @@ def make_head(dtype: torch.dtype) -> EagleHead:
 
 def python_path(layer: FusedEagleLayer, tokens, feats, positions, blocks, first_row, holes,
                 scored, width):
-    g = layer.layer(torch.tensor(tokens), feats, torch.tensor(positions), blocks, first_row,
-                    None if holes is None else torch.tensor(holes))
-    ids, logps = top_tokens(layer.head, g[g.shape[0] - scored:], width) if scored else ([], [])
+    """What drafting did before the one-call kernel: the same kernels chained from Python
+    (input fusion, the fused layer, the output norm), then the LM head and top-k in torch."""
+    head, step, outs = layer.head, layer.max_rows, []
+    for a in range(0, len(tokens), step):
+        m = len(tokens[a:a + step])
+        x = head.fuse_input(torch.tensor(tokens[a:a + step]), feats[a:a + step])
+        rows = torch.arange(first_row + a, first_row + a + m)
+        table = torch.tensor(blocks, dtype=torch.int32)
+        slots = table[rows // BLOCK].to(torch.int64) * BLOCK + rows % BLOCK
+        spec = fused.StepSpec(torch.tensor(positions[a:a + step]), slots, table.expand(m, -1),
+                              (rows + 1).to(torch.int32), layer.spec,
+                              None if holes is None else torch.tensor(holes[a:a + step]))
+        out, residual = fused.run_layer(layer.spec, spec, x.contiguous(), None)
+        outs.append(rms_norm(out + residual, head.out_norm.weight, head.out_norm.eps))
+    g = torch.cat(outs)
+    ids, logps = top_tokens(head, g[g.shape[0] - scored:], width) if scored else ([], [])
     return g, ids, logps
 
 

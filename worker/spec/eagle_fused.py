@@ -17,7 +17,6 @@ import torch
 
 from kernels import cpu_decode_layer as fused
 from kernels.cpu_eagle_draft import DraftCall
-from kernels.rmsnorm import rms_norm
 from worker.spec.eagle_head import EagleHead
 
 BLOCK = 16
@@ -90,27 +89,17 @@ class FusedEagleLayer:
         return tuple(c.index_select(0, index).flatten(0, 1)[:rows].transpose(0, 1)
                      for c in (self.k_cache, self.v_cache))
 
-    def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-              blocks: list[int], first_row: int,
-              holes: torch.Tensor | None = None) -> torch.Tensor:
-        """Feature guesses for len(tokens) rows stored at rows first_row.. of this sequence's
-        cache (blocks must cover them); each row attends to rows 0..itself. A long catch-up
-        (the prompt, after a prefill) runs in chunks of the kernel's row limit; each chunk's
-        rows are in the pool before the next one attends to them. `holes` ([rows] int64, tree
-        drafting) hides keys from rows as in kernels/paged_attention.py."""
-        step = self.max_rows
-        outs = [self._rows(tokens[a:a + step], features[a:a + step], positions[a:a + step],
-                           blocks, first_row + a, None if holes is None else holes[a:a + step])
-                for a in range(0, tokens.numel(), step)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
     def draft(self, tokens: list[int], features: torch.Tensor, positions: list[int],
               blocks: list[int], first_row: int, holes: list[int] | None = None,
               scored: int = 0, width: int = 1,
               ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
-        """`layer` and the head's scoring in one C call per chunk of rows (kernels/csrc/
-        eagle_draft.c): the feature guesses of the rows, and for the last `scored` rows the
-        `width` likeliest draft-vocabulary ids with their log-probabilities, best first."""
+        """Feature guesses for len(tokens) rows stored at rows first_row.. of this sequence's
+        cache (blocks must cover them), and for the last `scored` rows the `width` likeliest
+        draft-vocabulary ids with their log-probabilities, best first: one C call
+        (kernels/csrc/eagle_draft.c) per chunk of the kernel's row limit, so a long catch-up
+        (the prompt, after a prefill) has each chunk's rows in the pool before the next attends
+        to them. Each row attends to rows 0..itself, minus `holes` (tree drafting, as in
+        kernels/paged_attention.py)."""
         m, step = len(tokens), self.max_rows
         outs, ids, logps = [], [], []
         for a in range(0, m, step):
@@ -122,16 +111,3 @@ class FusedEagleLayer:
             ids += i
             logps += lp
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), ids, logps
-
-    def _rows(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-              blocks: list[int], first_row: int, holes: torch.Tensor | None) -> torch.Tensor:
-        head = self.head
-        m = tokens.numel()
-        x = head.fuse_input(tokens, features)
-        rows = torch.arange(first_row, first_row + m)
-        table = torch.tensor(blocks, dtype=torch.int32)
-        slots = table[rows // BLOCK].to(torch.int64) * BLOCK + rows % BLOCK
-        step = fused.StepSpec(positions.to(torch.int64), slots, table.expand(m, -1),
-                              (rows + 1).to(torch.int32), self.spec, holes)
-        out, residual = fused.run_layer(self.spec, step, x.contiguous(), None)
-        return rms_norm(out + residual, head.out_norm.weight, head.out_norm.eps)

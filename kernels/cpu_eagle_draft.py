@@ -3,7 +3,8 @@ ids and features to its feature guesses and top tokens, in one C call.
 
 Drafting runs the head two to four times per speculative step, a few rows each time; around
 the ~0.55 ms of kernels a call took ~0.65 ms of small torch ops through Python (2-vCPU Xeon).
-Here Python passes lists and gets lists back.
+Here Python passes lists and gets lists back. One call may carry rows of several sequences: a
+batch's drafts then stream the head's weights once per depth, not once per sequence.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lay, lin = ctypes.POINTER(fused._Layer), ctypes.POINTER(fused._Linear)
     lib.eagle_draft.argtypes = [lay, lin, _ptr, _ptr, _f32, lin, _i64, _ptr, _ptr, _ptr, _ptr,
-                                _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+                                _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
+                                _i64, _i64]
     lib.eagle_draft.restype = None
     lib.eagle_draft_workspace_bytes.argtypes = [lay, _i64, _i64, _i64]
     lib.eagle_draft_workspace_bytes.restype = ctypes.c_size_t
@@ -70,37 +72,48 @@ class DraftCall:
         return work
 
     def __call__(self, tokens: list[int], features: torch.Tensor, positions: list[int],
-                 table: list[int], first_row: int, holes: list[int] | None, scored: int,
-                 width: int) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
-        """Feature guesses for len(tokens) rows stored at rows first_row.. of the sequence
-        whose head cache is in the pool pages `table`; and for the last `scored` rows the
-        `width` likeliest draft-vocabulary ids with their log-probabilities, best first."""
+                 tables: list[list[int]], seq_of_row: list[int], cache_rows: list[int],
+                 holes: list[int] | None, scored_rows: list[int], width: int,
+                 ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+        """Feature guesses for len(tokens) rows, row i stored at row cache_rows[i] of the head
+        cache of sequence seq_of_row[i], whose pool pages are tables[seq_of_row[i]]; and for
+        the rows `scored_rows` the `width` likeliest draft-vocabulary ids with their
+        log-probabilities, best first."""
         m = len(tokens)
         assert features.shape == (m, self.hidden) and features.dtype == self.dtype
-        assert 0 <= scored <= m and width >= 1 and len(positions) == m
+        assert width >= 1 and len(positions) == m == len(seq_of_row) == len(cache_rows)
         page = self.layer.struct.block_size
         if m == 0 or (holes is not None and len(holes) != m):
             raise ValueError(f"a drafting call needs rows, and a hole mask per row ({m} rows)")
+        if not all(0 <= i < m for i in scored_rows):
+            raise ValueError(f"scored rows {scored_rows} outside the call's {m} rows")
         if not all(0 <= t < self._tokens for t in tokens):
             raise ValueError(f"token ids {tokens} outside the embedding's {self._tokens} rows")
         if not all(0 <= q < self._positions for q in positions):
             raise ValueError(f"positions {positions} outside the rotary table's "
                              f"{self._positions} rows")
-        if (first_row < 0 or len(table) * page < first_row + m
-                or not all(0 <= b < self._blocks for b in table)):
-            raise ValueError(f"rows {first_row}..{first_row + m - 1} need "
-                             f"{-(-(first_row + m) // page)} pages of the pool's "
-                             f"{self._blocks}; the table has {table}")
+        if not all(0 <= s < len(tables) for s in seq_of_row):
+            raise ValueError(f"rows of sequences {seq_of_row}, but {len(tables)} page tables")
+        for s, c in zip(seq_of_row, cache_rows):
+            table = tables[s]
+            if c < 0 or len(table) * page <= c or not all(0 <= b < self._blocks for b in table):
+                raise ValueError(f"row {c} needs {c // page + 1} pages of the pool's "
+                                 f"{self._blocks}; the table has {table}")
+        stride = max(len(t) for t in tables)
+        flat = [b for t in tables for b in (*t, *(0,) * (stride - len(t)))]
         features = features.contiguous()
         out = torch.empty(m, self.hidden, dtype=self.dtype)
+        scored = len(scored_rows)
         ids = (ctypes.c_int64 * max(1, scored * width))()
         logps = (ctypes.c_float * max(1, scored * width))()
         _library().eagle_draft(
             ctypes.byref(self.layer.struct), ctypes.byref(self._fc), self._embed, self._norm,
             self._eps, ctypes.byref(self._head), m, (ctypes.c_int64 * m)(*tokens),
             features.data_ptr(), (ctypes.c_int64 * m)(*positions),
-            (ctypes.c_int32 * len(table))(*table), first_row,
-            None if holes is None else (ctypes.c_uint64 * m)(*holes), scored, width,
+            (ctypes.c_int32 * max(1, len(flat)))(*flat), stride,
+            (ctypes.c_int32 * m)(*seq_of_row), (ctypes.c_int64 * m)(*cache_rows),
+            None if holes is None else (ctypes.c_uint64 * m)(*holes), scored,
+            (ctypes.c_int64 * max(1, scored))(*scored_rows), width,
             out.data_ptr(), ids, logps, self._workspace(m).data_ptr(),
             int(self.dtype == torch.bfloat16), torch.get_num_threads())
         return (out, [ids[i * width:(i + 1) * width] for i in range(scored)],

@@ -380,7 +380,7 @@ def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
     from types import SimpleNamespace
 
     from worker.spec.eagle_head import top_tokens
-    from worker.spec.eagle_proposer import Guess, _EagleState
+    from worker.spec.eagle_proposer import Guess, _EagleState, _Tree
 
     width = 3
     eng = make_engine(model, eagle(heads["random"], eagle_tree_width=width,
@@ -398,8 +398,11 @@ def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
         if isinstance(prop.layer, FusedEagleLayer):  # its layer holds its own weight copies
             prop.layer = FusedEagleLayer(prop.head, 1 << 20, 256)
         ids, logps = top_tokens(prop.head, last[None], width)
-        tree = prop._tree(SimpleNamespace(num_tokens=5), _EagleState(prop.layer.new_cache()),
-                          Guess(last, ids[0], logps[0]), 12)
+        st = _EagleState(prop.layer.new_cache())
+        assert prop.layer.reserve(st.cache, width * 12)
+        draft = _Tree(prop, SimpleNamespace(num_tokens=5), st, Guess(last, ids[0], logps[0]), 12)
+        prop._run([draft])
+        tree = draft.proposal()
         tokens, parents = tree.token_ids, tree.parents
         assert len(tokens) == 12 and max(d for d in _depths(parents)) >= 3
         to_target = torch.tensor(prop.head.cfg.vocab)
@@ -422,3 +425,66 @@ def _depths(parents):
     from worker.spec.tree import depths
 
     return depths(parents)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_batch_drafts_what_each_sequence_drafts_alone(model, heads, width):
+    """The proposer drafts a batch in lockstep (one head call per round for all sequences);
+    every step's proposals equal those of drafting each sequence alone, trees and chains."""
+    recorded: dict[str, list] = {}
+    for mode in ("batched", "alone"):
+        # no confidence floor, so that drafts run deep
+        eng = make_engine(model, eagle(heads["identity"], eagle_tree_width=width,
+                                       eagle_min_confidence=0.0, eagle_tree_min_prob=0.0))
+        prop = eng.spec.proposer
+        batched = prop.propose
+
+        def propose(seqs, ks, batched=batched, mode=mode):
+            if mode == "batched":
+                out = batched(seqs, ks)
+            else:
+                out = [batched([s], [k])[0] for s, k in zip(seqs, ks)]
+            recorded.setdefault(mode, []).append(
+                [(p.token_ids, p.parents) for p in out])
+            return out
+
+        prop.propose = propose
+        tokens = run(eng)
+        recorded[mode + " tokens"] = tokens
+    assert recorded["batched"] == recorded["alone"]
+    assert recorded["batched tokens"] == recorded["alone tokens"]
+    # the batch really drafted several sequences per call, deeper than one token
+    assert max(sum(len(p[0]) > 0 for p in step) for step in recorded["batched"]) >= 3
+    assert max(len(p[0]) for step in recorded["batched"] for p in step) >= 3
+
+
+def test_past_batch_one_a_catch_up_runs_the_recent_positions_only(model, heads):
+    """A batch's catch-up costs about one head call: a sequence's first runs its whole prompt,
+    later ones the last CATCH_UP_ROWS // batch positions (the rest stay missing from the
+    head's cache); a sequence drafting alone catches up on everything."""
+    from types import SimpleNamespace
+
+    from worker.spec.eagle_proposer import CATCH_UP_ROWS
+
+    prop = make_engine(model, eagle(heads["identity"])).spec.proposer
+    d = prop.head.cfg.hidden_size
+    seqs = [SimpleNamespace(request_id=f"s{i}", token_ids=list(range(3, 43)), num_tokens=10)
+            for i in range(3)]
+
+    def decode(seq, upto):  # the target scored positions num_tokens-1 .. upto-2
+        first = seq.num_tokens - 1
+        prop._state(seq).pending.append((first, torch.randn(upto - 1 - first, d)))
+        seq.num_tokens = upto
+
+    for seq in seqs:
+        prop._state(seq).pending.append((0, torch.randn(10, d)))  # the prompt's prefill
+    prop.propose(seqs[:2], [0, 0])  # k = 0: catch-up only
+    prop.propose(seqs[2:], [0])
+    assert [prop._states[s.request_id].rows for s in seqs] == [10, 10, 10]
+    for seq in seqs:
+        decode(seq, 40)  # 30 tokens decoded without speculation
+    prop.propose(seqs[:2], [0, 0])
+    prop.propose(seqs[2:], [0])
+    states = [prop._states[s.request_id] for s in seqs]
+    assert [st.rows for st in states] == [10 + CATCH_UP_ROWS // 2] * 2 + [40]
+    assert all(st.done == 40 and st.last is not None for st in states)

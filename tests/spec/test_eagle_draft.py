@@ -10,7 +10,13 @@ import torch
 from kernels import cpu_decode_layer as fused
 from kernels.rmsnorm import rms_norm
 from worker.spec.eagle_fused import BLOCK, FusedEagleLayer
-from worker.spec.eagle_head import EagleHead, EagleHeadConfig, TorchEagleLayer, top_tokens
+from worker.spec.eagle_head import (
+    DraftRequest,
+    EagleHead,
+    EagleHeadConfig,
+    TorchEagleLayer,
+    top_tokens,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -90,6 +96,45 @@ def test_draft_kernel_equals_the_python_path(dtype):
     torch.testing.assert_close(new.k_cache, ref.k_cache, **tol)
     torch.testing.assert_close(new.v_cache, ref.v_cache, **tol)
     assert new.k_cache.abs().sum() > 0  # rows were stored
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_batched_call_equals_one_call_per_sequence(dtype):
+    """Rows of several sequences in one call (a batch's catch-ups, then its tree depths) give
+    each sequence exactly what it gets drafting alone: same features, same pool contents,
+    same top tokens. One request is longer than the room left in a call, so it continues in
+    the next, attending to its rows already stored."""
+    if not fused.available(dtype):
+        pytest.skip("the fused decode layer is not built for this dtype here")
+    head = make_head(dtype)
+    alone, batched = (FusedEagleLayer(head, 1 << 18, 512) for _ in range(2))
+    gen = torch.Generator().manual_seed(2)
+    lengths = [3, alone.max_rows - 2, 6]  # the second spills over into a second call
+    caches = {id(layer): [layer.new_cache() for _ in lengths] for layer in (alone, batched)}
+    for layer in (alone, batched):
+        layer.free_blocks.reverse()
+        for blocks, n in zip(caches[id(layer)], lengths):
+            assert layer.reserve(blocks, n + 8)
+    catch_up = [(torch.randint(0, 300, (n,), generator=gen).tolist(), list(range(n)), 0, None,
+                 1, 2, torch.randn(n, 64, generator=gen).to(dtype)) for n in lengths]
+    # then a depth of a tree (holes: each row sees the committed rows and itself), unscored
+    # for the middle sequence
+    depth = [([7 + i, 250 - i], [n, n], n, [0, 0b10], 2 - (i == 1), 2,
+              torch.randn(2, 64, generator=gen).to(dtype)) for i, n in enumerate(lengths)]
+    for calls in (catch_up, depth):
+        want = [alone.draft(t, f, pos, blocks, row, holes, scored, width)
+                for (t, pos, row, holes, scored, width, f), blocks
+                in zip(calls, caches[id(alone)])]
+        got = batched.draft_batch([
+            DraftRequest(t, f, pos, blocks, row, holes, scored, width)
+            for (t, pos, row, holes, scored, width, f), blocks
+            in zip(calls, caches[id(batched)])])
+        for (g, ids, lps), (g_ref, ids_ref, lps_ref) in zip(got, want):
+            torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+            assert ids == ids_ref and lps == lps_ref
+    for a, b in zip(caches[id(alone)], caches[id(batched)]):
+        for x, y in zip(alone.read(a, max(lengths) + 2), batched.read(b, max(lengths) + 2)):
+            torch.testing.assert_close(y, x, atol=0, rtol=0)
 
 
 def test_torch_layer_drafts_alike():

@@ -17,7 +17,7 @@ import torch
 
 from kernels import cpu_decode_layer as fused
 from kernels.cpu_eagle_draft import DraftCall
-from worker.spec.eagle_head import EagleHead
+from worker.spec.eagle_head import DraftRequest, DraftResult, EagleHead
 
 BLOCK = 16
 
@@ -91,23 +91,73 @@ class FusedEagleLayer:
 
     def draft(self, tokens: list[int], features: torch.Tensor, positions: list[int],
               blocks: list[int], first_row: int, holes: list[int] | None = None,
-              scored: int = 0, width: int = 1,
-              ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+              scored: int = 0, width: int = 1) -> DraftResult:
         """Feature guesses for len(tokens) rows stored at rows first_row.. of this sequence's
         cache (blocks must cover them), and for the last `scored` rows the `width` likeliest
-        draft-vocabulary ids with their log-probabilities, best first: one C call
-        (kernels/csrc/eagle_draft.c) per chunk of the kernel's row limit, so a long catch-up
-        (the prompt, after a prefill) has each chunk's rows in the pool before the next attends
-        to them. Each row attends to rows 0..itself, minus `holes` (tree drafting, as in
-        kernels/paged_attention.py)."""
-        m, step = len(tokens), self.max_rows
-        outs, ids, logps = [], [], []
-        for a in range(0, m, step):
-            b = min(m, a + step)
-            out, i, lp = self._draft(tokens[a:b], features[a:b], positions[a:b], blocks,
-                                     first_row + a, None if holes is None else holes[a:b],
-                                     min(b - a, max(0, scored - (m - b))), width)
-            outs.append(out)
-            ids += i
-            logps += lp
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)), ids, logps
+        draft-vocabulary ids with their log-probabilities, best first. Each row attends to
+        rows 0..itself, minus `holes` (tree drafting, as in kernels/paged_attention.py)."""
+        return self.draft_batch([DraftRequest(tokens, features, positions, blocks, first_row,
+                                              holes, scored, width)])[0]
+
+    def draft_batch(self, requests: list[DraftRequest]) -> list[DraftResult]:
+        """`draft` for several sequences: their rows are packed into C calls
+        (kernels/csrc/eagle_draft.c) of up to the kernel's row limit, so a batch streams the
+        head's weights once per call instead of once per sequence. A request longer than the
+        space left in a call (a long catch-up: the prompt, after a prefill) continues in the
+        next, whose rows then attend to the ones already in the pool."""
+        width = max((r.width for r in requests if r.scored), default=1)
+        cap = self.max_rows
+        # per call: (request index, first row of the request, rows) for each piece
+        calls: list[list[tuple[int, int, int]]] = [[]]
+        room = cap
+        for i, r in enumerate(requests):
+            a, m = 0, len(r.tokens)
+            while a < m:
+                if room == 0:
+                    calls.append([])
+                    room = cap
+                n = min(room, m - a)
+                calls[-1].append((i, a, n))
+                room -= n
+                a += n
+        feats: list[list[torch.Tensor]] = [[] for _ in requests]
+        ids: list[list[list[int]]] = [[] for _ in requests]
+        logps: list[list[list[float]]] = [[] for _ in requests]
+        for pieces in calls:
+            if not pieces:
+                continue
+            tokens, positions, seq_of_row, cache_rows, scored_rows = [], [], [], [], []
+            holes: list[int] | None = (
+                [] if any(requests[i].holes is not None for i, _, _ in pieces) else None)
+            tables: list[list[int]] = []
+            slot: dict[int, int] = {}  # request -> its index among this call's tables
+            for i, a, n in pieces:
+                r = requests[i]
+                if i not in slot:
+                    slot[i] = len(tables)
+                    tables.append(r.cache)
+                base = len(tokens)
+                tokens += r.tokens[a:a + n]
+                positions += r.positions[a:a + n]
+                seq_of_row += [slot[i]] * n
+                cache_rows += range(r.first_row + a, r.first_row + a + n)
+                if holes is not None:
+                    holes += r.holes[a:a + n] if r.holes is not None else [0] * n
+                # the request's last `scored` rows that fall in this piece
+                lo = max(a, len(r.tokens) - r.scored)
+                scored_rows += range(base + lo - a, base + n)
+            x = torch.cat([requests[i].features[a:a + n] for i, a, n in pieces])
+            out, top, lps = self._draft(tokens, x, positions, tables, seq_of_row, cache_rows,
+                                        holes, scored_rows, width)
+            row = k = 0
+            for i, a, n in pieces:
+                r = requests[i]
+                feats[i].append(out[row:row + n])
+                row += n
+                s = max(0, a + n - max(a, len(r.tokens) - r.scored))
+                ids[i] += [t[:r.width] for t in top[k:k + s]]
+                logps[i] += [t[:r.width] for t in lps[k:k + s]]
+                k += s
+        return [((f[0] if len(f) == 1 else torch.cat(f)) if f else
+                 torch.empty(0, self.spec.hidden, dtype=self.spec.dtype), i, lp)
+                for f, i, lp in zip(feats, ids, logps)]

@@ -16,6 +16,7 @@ appended a few rows at a time): `bench/train_eagle.py` makes its weights.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,28 @@ def top_tokens(head: EagleHead, features: torch.Tensor,
     return idx.tolist(), top.tolist()
 
 
+@dataclass
+class DraftRequest:
+    """One sequence's rows in a drafting call: tokens at rotary `positions`, with the features
+    before them, stored at rows first_row.. of the sequence's head `cache`; for the last
+    `scored` rows the `width` likeliest next tokens are read. `holes` hide rows from each row's
+    attention (tree drafting, as in kernels/paged_attention.py)."""
+
+    tokens: list[int]
+    features: torch.Tensor
+    positions: list[int]
+    cache: Any
+    first_row: int
+    holes: list[int] | None = None
+    scored: int = 0
+    width: int = 1
+
+
+# A request's feature guesses (one per row), then the top ids and log-probabilities of its
+# scored rows.
+DraftResult = tuple[torch.Tensor, list[list[int]], list[list[float]]]
+
+
 class TorchEagleLayer:
     """Drafting in torch ops, one growing KV tensor pair per sequence: where the fused C layer
     (worker/spec/eagle_fused.py) does not run, e.g. on CUDA. Same interface: a per-sequence
@@ -274,6 +297,11 @@ class TorchEagleLayer:
                        None if holes is None else torch.tensor(holes, device=dev))
         ids, logps = top_tokens(self.head, g[g.shape[0] - scored:], width) if scored else ([], [])
         return g, ids, logps
+
+    def draft_batch(self, requests: list[DraftRequest]) -> list[DraftResult]:
+        """`draft` for each request in turn (torch ops gain nothing from sharing a call)."""
+        return [self.draft(r.tokens, r.features, r.positions, r.cache, r.first_row, r.holes,
+                           r.scored, r.width) for r in requests]
 
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               cache: list[torch.Tensor], first_row: int,

@@ -32,11 +32,13 @@ import torch
 from protos.messages import StepPlan
 from worker.sequence import Sequence
 from worker.spec.eagle_fused import FusedEagleLayer
-from worker.spec.eagle_head import EagleHead, TorchEagleLayer
+from worker.spec.eagle_head import DraftRequest, EagleHead, TorchEagleLayer
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
 from worker.spec.tree import MAX_TREE_TOKENS
 
 DraftLayer = FusedEagleLayer | TorchEagleLayer
+# Rows a batch's catch-up may run per step, beyond each sequence's first (one fused call)
+CATCH_UP_ROWS = 16
 
 
 @dataclass
@@ -145,103 +147,78 @@ class EagleProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        return [self._propose(seq, k) for seq, k in zip(seqs, ks)]
+        """The batch drafts in lockstep: one head call for all catch-ups, then one per depth
+        for all rollouts still going. A call streams the head's ~13 MB of weights whatever its
+        rows (up to the kernel's row limit), so a batch of 8 costs about what one sequence
+        does; each sequence's rows are computed exactly as if it drafted alone."""
+        out = [NO_PROPOSAL] * len(seqs)
+        heads: list[tuple[int, Sequence, _EagleState, int]] = []
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            if self.ngram is not None and k > 0:
+                tokens = self.ngram.model_for(seq).rollout(seq.token_ids, k)
+                if len(tokens) >= self.ngram_min_tokens:
+                    self.proposals["ngram"] += 1
+                    out[i] = Proposal(tokens)
+                    continue
+            heads.append((i, seq, self._state(seq), k))
+        # Past batch 1 a catch-up keeps the batch to about one head call: a sequence's first
+        # (its prompt) runs whole, later ones their last CATCH_UP_ROWS // batch positions. Older
+        # ones (tokens decoded while the gate ran plain steps) stay missing from the head's
+        # cache: drafts get a little worse there, never wrong. Catching up on 16 plain steps
+        # of a batch of 8 otherwise cost ~8 calls, and made every step that re-tried
+        # speculation look far dearer than speculating is.
+        cap = CATCH_UP_ROWS // len(seqs) if len(seqs) > 1 else None
+        self._catch_up([(seq, st) for _, seq, st, _ in heads], cap)
+        drafts: list[tuple[int, _Chain | _Tree]] = []
+        for i, seq, st, k in heads:
+            last = st.last if st.done == seq.num_tokens else None
+            if last is None or k <= 0:
+                continue
+            p = seq.params
+            tree = self.tree_width > 1 and p.greedy and not p.has_penalties and not p.min_tokens
+            # scratch rows for the rollout; a full pool drafts nothing
+            if self.layer.reserve(st.cache, st.rows + (min(MAX_TREE_TOKENS, self.tree_width * k)
+                                                       if tree else k)):
+                drafts.append((i, _Tree(self, seq, st, last, k) if tree
+                               else _Chain(self, seq, st, last, k)))
+        self._run([d for _, d in drafts])
+        for i, d in drafts:
+            self.proposals["head"] += 1
+            out[i] = d.proposal()
+        return out
 
-    def _propose(self, seq: Sequence, k: int) -> Proposal:
-        if self.ngram is not None and k > 0:
-            tokens = self.ngram.model_for(seq).rollout(seq.token_ids, k)
-            if len(tokens) >= self.ngram_min_tokens:
-                self.proposals["ngram"] += 1
-                return Proposal(tokens)
-        st = self._state(seq)
-        last = self._catch_up(seq, st)
-        if last is None or k <= 0:
-            return NO_PROPOSAL
-        p = seq.params
-        if self.tree_width > 1 and p.greedy and not p.has_penalties and not p.min_tokens:
-            return self._tree(seq, st, last, k)
-        if not self.layer.reserve(st.cache, st.rows + k):
-            return NO_PROPOSAL  # the head's KV pool is full: no scratch rows for a rollout
-        feat, best, logp, pos = last.feature, last.ids[0], last.logps[0], seq.num_tokens - 1
-        out: list[int] = []
-        chance = 1.0
-        while True:
-            chance *= math.exp(logp)
-            if chance < self.min_confidence and out:
-                break
-            token = self._to_target[best]
-            out.append(token)
-            if len(out) >= k or pos + 1 >= self.layer.max_position:
-                break
-            pos += 1  # a scratch row after the committed ones
-            g, ids, logps = self.layer.draft([token], feat.view(1, -1), [pos], st.cache,
-                                             st.rows + len(out) - 1, scored=1, width=1)
-            feat, best, logp = g[0], ids[0][0], logps[0][0]
-        self.proposals["head"] += 1
-        return Proposal(out)
+    def _run(self, drafts: list[_Chain | _Tree]) -> None:
+        """Steps all drafts to their end, one batched head call per round."""
+        going = [d for d in drafts if d.request is not None]
+        while going:
+            for d, result in zip(going, self.layer.draft_batch([d.request for d in going])):
+                d.take(*result)
+            going = [d for d in going if d.request is not None]
 
-    def _tree(self, seq: Sequence, st: _EagleState, last: Guess, k: int) -> Proposal:
-        width = self.tree_width
-        max_rows = min(MAX_TREE_TOKENS, width * k)
-        if not self.layer.reserve(st.cache, st.rows + max_rows):
-            return NO_PROPOSAL
-        root_pos = seq.num_tokens - 1
-        nodes: list[_Node] = []
-        frontier = self._expand(nodes, [-1], [last.feature], [last.ids], [last.logps], 1)
-        used = 0  # scratch rows
-        while frontier:
-            frontier.sort(key=lambda i: -nodes[i].logp)
-            chosen = frontier[:width]
-            best = nodes[chosen[0]].logp
-            depth = nodes[chosen[0]].depth
-            if (math.exp(best) < self.tree_min_prob or depth >= k
-                    or used + len(chosen) > max_rows
-                    or root_pos + depth >= self.layer.max_position):
-                break
-            if len(nodes) >= k and best <= sorted((n.logp for n in nodes), reverse=True)[k - 1]:
-                break  # a child is never likelier than its parent: none would be among the k
-            holes = []
-            for j, i in enumerate(chosen):
-                mine, a = set(), nodes[i].parent
-                while a >= 0:
-                    mine.add(nodes[a].row)
-                    a = nodes[a].parent
-                r = used + j
-                holes.append(sum(1 << (r - q) for q in range(r) if q not in mine))
-            g, ids, logps = self.layer.draft(
-                [nodes[i].token for i in chosen], torch.stack([nodes[i].feat for i in chosen]),
-                [root_pos + depth] * len(chosen), st.cache, st.rows + used, holes,
-                scored=len(chosen), width=width)
-            for j, i in enumerate(chosen):
-                nodes[i].row = used + j
-            used += len(chosen)
-            frontier = self._expand(nodes, chosen, list(g), ids, logps, depth + 1)
-        # The k likeliest tokens, but none the head gives less than tree_min_prob: a verify row
-        # costs ~2.5% of a decode here, so an unlikely token costs more than it brings.
-        ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[:k]
-        floor = math.log(self.tree_min_prob) if self.tree_min_prob > 0 else -math.inf
-        keep = sorted(ranked[:1] + [i for i in ranked[1:] if nodes[i].logp >= floor])
-        index = {old: new for new, old in enumerate(keep)}
-        self.proposals["head"] += 1
-        return Proposal([nodes[i].token for i in keep],
-                        parents=[index.get(nodes[i].parent, -1) for i in keep])
+    def _catch_up(self, items: list[tuple[Sequence, _EagleState]],
+                  cap: int | None = None) -> None:
+        """Runs the head over the committed positions it has target features for (the last
+        `cap` of them, but all on a sequence's first catch-up), for all `items` in batched
+        calls; each state's `last` is then its guess at the last committed position if it
+        reached it."""
+        work: list[tuple[_EagleState, int, DraftRequest]] = []
+        for seq, st in items:
+            job = self._catch_up_request(seq, st, cap if st.rows else None)
+            if job is not None:
+                work.append((st, *job))
+        if not work:
+            return
+        for (st, nxt, req), (g, ids, logps) in zip(
+                work, self.layer.draft_batch([r for _, _, r in work])):
+            st.rows += len(req.tokens)
+            st.done = nxt
+            st.last = Guess(g[-1], ids[0], logps[0]) if req.scored else None
 
-    def _expand(self, nodes: list[_Node], parents: list[int], feats: list[torch.Tensor],
-                ids: list[list[int]], logps: list[list[float]], depth: int) -> list[int]:
-        """Adds the tree_width likeliest next tokens under each parent (-1: the root): ids
-        and logps were read off the feature guesses `feats` (one per parent); returns the new
-        nodes."""
-        new = []
-        for j, parent in enumerate(parents):
-            base = nodes[parent].logp if parent >= 0 else 0.0
-            for lp, i in zip(logps[j][:self.tree_width], ids[j][:self.tree_width]):
-                nodes.append(_Node(self._to_target[i], parent, base + lp, depth, feats[j]))
-                new.append(len(nodes) - 1)
-        return new
-
-    def _catch_up(self, seq: Sequence, st: _EagleState) -> Guess | None:
-        """Runs the head over committed positions it has target features for; returns its
-        guess at the last committed position (None if it has none)."""
+    def _catch_up_request(self, seq: Sequence, st: _EagleState, cap: int | None = None,
+                          ) -> tuple[int, DraftRequest] | None:
+        """The rows a sequence's catch-up runs (the last `cap` if given) and the position after
+        them, or None when there are none or they cannot run; its pending features are used
+        up either way."""
         n = seq.num_tokens  # positions 0..n-1 are committed; position p needs feature p-1
         parts: list[tuple[int, torch.Tensor]] = []  # (first position, features before each)
         nxt = st.done
@@ -259,21 +236,18 @@ class EagleProposer(Proposer):
         st.pending.clear()
         st.pending_rows = 0
         if not parts:
-            return st.last if st.done == n else None
+            return None
         positions = [q for p, r in parts for q in range(p, p + len(r))]
+        feats = parts[0][1] if len(parts) == 1 else torch.cat([r for _, r in parts])
+        if cap is not None and len(positions) > cap:
+            positions, feats = positions[-cap:], feats[-cap:]
         if positions[-1] >= self.layer.max_position:
             return None
-        feats = torch.cat([r for _, r in parts])
         if not self.layer.reserve(st.cache, st.rows + len(positions)):
             return None  # pool full: these positions stay missing from the head's cache
-        scored = int(positions[-1] == n - 1)
-        g, ids, logps = self.layer.draft([seq.token_ids[q] for q in positions], feats,
-                                         positions, st.cache, st.rows, scored=scored,
-                                         width=self.tree_width)
-        st.rows += len(positions)
-        st.done = nxt
-        st.last = Guess(g[-1], ids[0], logps[0]) if scored else None
-        return st.last if st.done == n else None
+        return nxt, DraftRequest([seq.token_ids[q] for q in positions], feats, positions,
+                                 st.cache, st.rows, scored=int(positions[-1] == n - 1),
+                                 width=self.tree_width)
 
     def head_cache(self, request_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's keys and values over a sequence's committed rows, [kv_heads, rows, d]
@@ -293,3 +267,113 @@ class EagleProposer(Proposer):
             self.layer.release(st.cache)
         if self.ngram is not None:
             self.ngram.free(seq)
+
+
+class _Chain:
+    """A greedy rollout, one head call per token, while the product of the head's top
+    probabilities stays above `min_confidence` (the first token is always proposed)."""
+
+    def __init__(self, p: EagleProposer, seq: Sequence, st: _EagleState, last: Guess,
+                 k: int) -> None:
+        self.p, self.st, self.k = p, st, k
+        self.out: list[int] = []
+        self.chance = 1.0
+        self.pos = seq.num_tokens - 1
+        self.request: DraftRequest | None = None  # the next head call, None when done
+        self._next(last.feature, last.ids[0], last.logps[0])
+
+    def _next(self, feat: torch.Tensor, best: int, logp: float) -> None:
+        self.request = None
+        self.chance *= math.exp(logp)
+        if self.chance < self.p.min_confidence and self.out:
+            return
+        token = self.p._to_target[best]
+        self.out.append(token)
+        if len(self.out) >= self.k or self.pos + 1 >= self.p.layer.max_position:
+            return
+        self.pos += 1  # a scratch row after the committed ones
+        self.request = DraftRequest([token], feat.view(1, -1), [self.pos], self.st.cache,
+                                    self.st.rows + len(self.out) - 1, scored=1, width=1)
+
+    def take(self, g: torch.Tensor, ids: list[list[int]], logps: list[list[float]]) -> None:
+        self._next(g[0], ids[0][0], logps[0][0])
+
+    def proposal(self) -> Proposal:
+        return Proposal(self.out)
+
+
+class _Tree:
+    """An EAGLE-2 token tree: each head call expands the `tree_width` likeliest leaves."""
+
+    def __init__(self, p: EagleProposer, seq: Sequence, st: _EagleState, last: Guess,
+                 k: int) -> None:
+        self.p, self.st, self.k = p, st, k
+        self.width = p.tree_width
+        self.max_rows = min(MAX_TREE_TOKENS, self.width * k)
+        self.root_pos = seq.num_tokens - 1
+        self.nodes: list[_Node] = []
+        self.used = 0  # scratch rows
+        self.chosen: list[int] = []
+        self.depth = 0
+        self.request: DraftRequest | None = None
+        self._plan(self._expand([-1], [last.feature], [last.ids], [last.logps], 1))
+
+    def _plan(self, frontier: list[int]) -> None:
+        """The next head call: the likeliest leaves, unless the tree is done."""
+        self.request = None
+        if not frontier:
+            return
+        nodes, width, k = self.nodes, self.width, self.k
+        frontier.sort(key=lambda i: -nodes[i].logp)
+        chosen = frontier[:width]
+        best = nodes[chosen[0]].logp
+        depth = nodes[chosen[0]].depth
+        if (math.exp(best) < self.p.tree_min_prob or depth >= k
+                or self.used + len(chosen) > self.max_rows
+                or self.root_pos + depth >= self.p.layer.max_position):
+            return
+        if len(nodes) >= k and best <= sorted((n.logp for n in nodes), reverse=True)[k - 1]:
+            return  # a child is never likelier than its parent: none would be among the k
+        holes = []
+        for j, i in enumerate(chosen):
+            mine, a = set(), nodes[i].parent
+            while a >= 0:
+                mine.add(nodes[a].row)
+                a = nodes[a].parent
+            r = self.used + j
+            holes.append(sum(1 << (r - q) for q in range(r) if q not in mine))
+        self.chosen, self.depth = chosen, depth
+        self.request = DraftRequest(
+            [nodes[i].token for i in chosen], torch.stack([nodes[i].feat for i in chosen]),
+            [self.root_pos + depth] * len(chosen), self.st.cache, self.st.rows + self.used,
+            holes, scored=len(chosen), width=width)
+
+    def take(self, g: torch.Tensor, ids: list[list[int]], logps: list[list[float]]) -> None:
+        for j, i in enumerate(self.chosen):
+            self.nodes[i].row = self.used + j
+        self.used += len(self.chosen)
+        self._plan(self._expand(self.chosen, list(g), ids, logps, self.depth + 1))
+
+    def _expand(self, parents: list[int], feats: list[torch.Tensor], ids: list[list[int]],
+                logps: list[list[float]], depth: int) -> list[int]:
+        """Adds the tree_width likeliest next tokens under each parent (-1: the root): ids
+        and logps were read off the feature guesses `feats` (one per parent); returns the new
+        nodes."""
+        new = []
+        for j, parent in enumerate(parents):
+            base = self.nodes[parent].logp if parent >= 0 else 0.0
+            for lp, i in zip(logps[j][:self.width], ids[j][:self.width]):
+                self.nodes.append(_Node(self.p._to_target[i], parent, base + lp, depth, feats[j]))
+                new.append(len(self.nodes) - 1)
+        return new
+
+    def proposal(self) -> Proposal:
+        # The k likeliest tokens, but none the head gives less than tree_min_prob: a verify row
+        # costs ~2.5% of a decode here, so an unlikely token costs more than it brings.
+        nodes = self.nodes
+        ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[:self.k]
+        floor = math.log(self.p.tree_min_prob) if self.p.tree_min_prob > 0 else -math.inf
+        keep = sorted(ranked[:1] + [i for i in ranked[1:] if nodes[i].logp >= floor])
+        index = {old: new for new, old in enumerate(keep)}
+        return Proposal([nodes[i].token for i in keep],
+                        parents=[index.get(nodes[i].parent, -1) for i in keep])

@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch", default="8,32",
-                    help="batch sizes for the throughput rows, comma-separated (8: the largest "
-                         "that speculates by default; 32: speculation stands down)")
+    ap.add_argument("--batch", default="2,4,8,32",
+                    help="batch sizes for the throughput rows, comma-separated (2 and 4: k is "
+                         "cut to 7 and 3; 8: the largest that speculates by default, k = 1; "
+                         "32: speculation stands down)")
     ap.add_argument("--batch-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32",

@@ -256,7 +256,8 @@ def _batch(items: list[Item]) -> tuple[torch.Tensor, ...]:
 
 
 def train(head: EagleHead, data: list[Item], held: list[Item], batch: int, lr: float,
-          budget_s: float, feature_weight: float, ce_fraction: float) -> dict[str, float]:
+          budget_s: float, feature_weight: float, ce_fraction: float,
+          true_context: bool = False) -> dict[str, float]:
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -279,8 +280,10 @@ def train(head: EagleHead, data: list[Item], held: list[Item], batch: int, lr: f
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.no_grad():
                 target = F.softmax(head.logits(final[sel]).float(), dim=-1)
-            g1, _, _ = head.layer(ids, _shift(head.project(feats)), positions)
-            g2, _, _ = head.layer(ids, _shift(g1), positions)
+            g1, k1, v1 = head.layer(ids, _shift(head.project(feats)), positions)
+            # the second draft token: fed the head's own guess, its cache the first pass's rows
+            g2, _, _ = head.layer(ids, _shift(g1), positions,
+                                  context=(k1, v1) if true_context else None)
             loss = torch.zeros(())
             for g in (g1, g2):
                 reg = F.smooth_l1_loss(g.float(), final, reduction="none").mean(-1)
@@ -390,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--ce-fraction", type=float, default=0.25,
                    help="share of positions that get the classification loss")
+    p.add_argument("--true-context", action="store_true",
+                   help="the second pass attends to the first pass's rows before each position "
+                        "(as the second draft token does at run time), not to its own")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     log = train(head, data, held, args.batch, args.lr, args.train_seconds, args.feature_weight,
-                args.ce_fraction)
+                args.ce_fraction, args.true_context)
     # Held-out answers start after the prompt; measure drafting inside the answers only.
     lengths = chain_acceptance(head, held, args.k)
     first = sum(n >= 1 for n in lengths) / len(lengths)

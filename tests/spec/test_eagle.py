@@ -133,6 +133,27 @@ def test_cached_rows_equal_the_training_pass(model):
     torch.testing.assert_close(cache[1], v_ref[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_context_pass_trains_what_the_second_draft_token_computes(model):
+    """Training's second pass with `context` (--true-context): row i attends to the first
+    pass's rows before i and to itself, which is what a second draft token computes at run
+    time over a cache of rows from the target's features."""
+    torch.manual_seed(2)
+    head = EagleHead(head_config(model)).eval()
+    head.attach_target(torch.randn(256, 64), torch.randn(256, 64))
+    ids, pos = torch.randint(0, 256, (2, 9)), torch.arange(9)
+    true, guessed = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    with torch.inference_mode():
+        _, k1, v1 = head.layer(ids, true, pos)
+        g2, _, _ = head.layer(ids, guessed, pos, context=(k1, v1))
+        plain, _, _ = head.layer(ids, guessed, pos)
+        for b in range(2):
+            for i in range(9):
+                g, _, _ = head.layer(ids[b, i:i + 1], guessed[b, i:i + 1], pos[i:i + 1],
+                                     cache=(k1[b, :, :i], v1[b, :, :i]))
+                torch.testing.assert_close(g[0], g2[b, i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain[:, 1:], g2[:, 1:], atol=1e-3)  # the context matters
+
+
 @pytest.mark.parametrize(("kind", "width"), [("identity", 1), ("random", 1), ("identity", 3),
                                              ("random", 2), ("layers", 2)])
 def test_eagle_is_exact(model, heads, baseline, kind, width):

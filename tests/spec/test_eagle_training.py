@@ -40,7 +40,7 @@ def _args(target: Path, chats: Path, out: Path, *more: str) -> list[str]:
 
 def test_train_then_grow_feature_layers(target, chats, tmp_path):
     first, grown = tmp_path / "first", tmp_path / "grown"
-    assert train_eagle(_args(target, chats, first)) == 0
+    assert train_eagle(_args(target, chats, first, "--true-context")) == 0
     record = json.loads((first / "eagle.json").read_text())
     assert len(record["config"]["vocab"]) == 64 and record["config"]["feature_layers"] == []
     assert record["held_out"]["chats"] == 2 and record["train"]["step"] > 0

@@ -103,6 +103,22 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.bmm(probs, values).view(heads, t, d).to(dtype)
 
 
+def _attend_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ctx: torch.Tensor,
+                    v_ctx: torch.Tensor) -> torch.Tensor:
+    """Row i of q ([B, heads, T, d]) over the context's keys before i and its own key k[i]."""
+    group = q.shape[1] // k.shape[1]
+    k_ctx, v_ctx = (x.repeat_interleave(group, dim=1) for x in (k_ctx, v_ctx))
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    scale = q.shape[-1] ** -0.5
+    t = q.shape[2]
+    scores = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale
+    earlier = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(-1)
+    scores = scores.masked_fill(~earlier, float("-inf"))
+    own = (q * k).sum(-1, keepdim=True) * scale
+    probs = torch.softmax(torch.cat((scores, own), dim=-1).float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs[..., :t], v_ctx) + probs[..., t:] * v
+
+
 def _norm(norm: _RMSNorm, x: torch.Tensor) -> torch.Tensor:
     # Drafting (no autograd) takes the C kernel; training needs torch's differentiable one.
     if torch.is_grad_enabled() or norm.weight.dtype != x.dtype:
@@ -190,13 +206,19 @@ class EagleHead(nn.Module):
     def layer(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
               cache: tuple[torch.Tensor, torch.Tensor] | None = None,
               holes: torch.Tensor | None = None,
+              context: tuple[torch.Tensor, torch.Tensor] | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows [..., T] of tokens and the features before them -> (feature guesses, k, v).
 
         Without `cache` the rows are whole sequences ([B, T]) under a causal mask. With it,
         `tokens` is [T] new rows of one sequence that attend to the cached keys and values
         ([kv_heads, L, head_dim] each) and to each other causally, minus `holes` (tree
-        drafting: kernels/paged_attention.py)."""
+        drafting: kernels/paged_attention.py).
+
+        `context` (training, whole sequences): keys and values of another pass over the same
+        sequences ([B, kv_heads, T, head_dim]); row i then attends to their rows before i and
+        to its own key only, as a second draft token does at run time (its cache holds the
+        rows computed from the target's features, then the row of the first draft token)."""
         cfg = self.cfg
         x = self.fuse_input(tokens, features)
         h = _norm(self.input_norm, x)
@@ -210,7 +232,9 @@ class EagleHead(nn.Module):
         v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim).transpose(-3, -2)
         cos, sin = self.rope(positions, q.dtype)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if cache is None:
+        if cache is None and context is not None:
+            a = _attend_context(q, k, v, *context)
+        elif cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             a = _attend(q, torch.cat((cache[0], k), dim=-2), torch.cat((cache[1], v), dim=-2),

@@ -9,16 +9,20 @@ next, in a scratch extension of the cache that is never kept. So rollback and on
 nothing to undo: the next catch-up starts from committed tokens and true features only.
 
 Positions whose features the proposer never saw (a prefix-cache hit, steps too large to
-speculate) are simply absent from the head's cache: drafts get worse there, never wrong, since
-the target verifies every token.
+speculate, at batch > 1 plain steps beyond what one catch-up call takes) are simply absent from
+the head's cache: drafts get worse there, never wrong, since the target verifies every token.
+
+A batch drafts in lockstep: one head call for all its catch-ups, then one per depth for every
+sequence still drafting (the fused kernel takes rows of several sequences per call, and a call
+costs about as much for one row as for eight).
 
 With `tree_width` > 1 (greedy requests) the draft is a token tree, as in EAGLE-2 (Li et al.
 2024b): at each depth the `tree_width` most likely nodes so far (by the product of the head's
 probabilities along their branch) are expanded in one call of the head, each into its
 `tree_width` most likely next tokens; the proposal is the k most likely nodes of all, leaving
-out those less likely than `tree_min_prob`. The
-head's attention over its scratch rows is masked to each node's own ancestors, as the
-target's is when it verifies the tree (worker/spec/tree.py).
+out those less likely than `tree_min_prob`. The head's attention over its scratch rows is
+masked to each node's own ancestors, as the target's is when it verifies the tree
+(worker/spec/tree.py).
 """
 
 from __future__ import annotations

@@ -126,37 +126,34 @@ class FusedEagleLayer:
         for pieces in calls:
             if not pieces:
                 continue
+            # A request has at most one piece per call: piece j is sequence j of the call.
             tokens, positions, seq_of_row, cache_rows, scored_rows = [], [], [], [], []
             holes: list[int] | None = (
                 [] if any(requests[i].holes is not None for i, _, _ in pieces) else None)
-            tables: list[list[int]] = []
-            slot: dict[int, int] = {}  # request -> its index among this call's tables
-            for i, a, n in pieces:
+            scored = []  # per piece: how many of the request's last `scored` rows it holds
+            for j, (i, a, n) in enumerate(pieces):
                 r = requests[i]
-                if i not in slot:
-                    slot[i] = len(tables)
-                    tables.append(r.cache)
                 base = len(tokens)
                 tokens += r.tokens[a:a + n]
                 positions += r.positions[a:a + n]
-                seq_of_row += [slot[i]] * n
+                seq_of_row += [j] * n
                 cache_rows += range(r.first_row + a, r.first_row + a + n)
                 if holes is not None:
                     holes += r.holes[a:a + n] if r.holes is not None else [0] * n
-                # the request's last `scored` rows that fall in this piece
                 lo = max(a, len(r.tokens) - r.scored)
+                scored.append(max(0, a + n - lo))
                 scored_rows += range(base + lo - a, base + n)
             x = torch.cat([requests[i].features[a:a + n] for i, a, n in pieces])
-            out, top, lps = self._draft(tokens, x, positions, tables, seq_of_row, cache_rows,
-                                        holes, scored_rows, width)
+            out, top, lps = self._draft(tokens, x, positions,
+                                        [requests[i].cache for i, _, _ in pieces], seq_of_row,
+                                        cache_rows, holes, scored_rows, width)
             row = k = 0
-            for i, a, n in pieces:
-                r = requests[i]
+            for (i, _, n), s in zip(pieces, scored):
+                w = requests[i].width
                 feats[i].append(out[row:row + n])
+                ids[i] += [t[:w] for t in top[k:k + s]]
+                logps[i] += [t[:w] for t in lps[k:k + s]]
                 row += n
-                s = max(0, a + n - max(a, len(r.tokens) - r.scored))
-                ids[i] += [t[:r.width] for t in top[k:k + s]]
-                logps[i] += [t[:r.width] for t in lps[k:k + s]]
                 k += s
         return [((f[0] if len(f) == 1 else torch.cat(f)) if f else
                  torch.empty(0, self.spec.hidden, dtype=self.spec.dtype), i, lp)

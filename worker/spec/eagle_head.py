@@ -323,7 +323,8 @@ class TorchEagleLayer:
         return g, ids, logps
 
     def draft_batch(self, requests: list[DraftRequest]) -> list[DraftResult]:
-        """`draft` for each request in turn (torch ops gain nothing from sharing a call)."""
+        """`draft` for each request in turn: one pass per sequence (the fused C layer packs a
+        batch into shared calls; this path does not)."""
         return [self.draft(r.tokens, r.features, r.positions, r.cache, r.first_row, r.holes,
                            r.scored, r.width) for r in requests]
 

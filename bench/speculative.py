@@ -3,13 +3,17 @@ proposer (same greedy output required), acceptance, and batch-32 throughput.
 
     python -m bench.speculative [--draft-model DIR] [--max-tokens 96] [--json out.json]
     python -m bench.speculative --methods "none,eagle,eagle{eagle_tree_width=1}"
+    python -m bench.speculative --temperature 0.7 --batch ""   # sampled answers
 
 A method may carry SpeculativeConfig options in braces, separated by ";" (values are JSON,
 else strings), to compare settings of one proposer in the same run.
 
 Each configuration is one LLM (one engine) over the same prompts; outputs are compared token
 for token with the first method (none). Runs alternate between the engines; timings are medians
-over `--repeats` runs.
+over `--repeats` runs. With `--temperature` > 0 the batch-1 prompts are sampled (unseeded, so
+the measured gate decides as it does for users): each answer is a different draw, so only
+tokens/s compare, and "same output" is not checked (tests/spec/test_spec_sampling.py checks
+that speculation leaves the distribution alone).
 """
 
 from __future__ import annotations
@@ -92,13 +96,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="float32 (default): bit-identical outputs are expected; with bfloat16 "
                          "a k+1-token forward rounds differently from a 1-token one")
     ap.add_argument("--prompts", default=",".join(PROMPTS), help="which batch-1 prompts")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0: the batch-1 prompts are sampled at this temperature")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="for the batch-1 prompts (greedy outputs must still be identical)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     PROMPTS["austen"] = (austen_prompt(), False)
     # Chat answers stop at their end of turn: past it the model loops, which any proposer
     # predicts, and ignore_eos would count that as speed-up. The novel has no end to stop at.
-    chat_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        ap.error("--temperature must be >= 0, --top-p in (0, 1] and --repetition-penalty > 0")
+    sampling = dict(temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty)
+    chat_params = SamplingParams(max_tokens=args.max_tokens, **sampling)
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **sampling)
+    sampled = args.temperature > 0
     batch_params = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens, ignore_eos=True)
     batch_sizes = [int(b) for b in args.batch.split(",") if b]
     notes = [f"Write a short note number {i} about {w}." for i, w in
@@ -124,25 +138,26 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in args.prompts.split(","):
         prompt, chat = PROMPTS[name]
-        times: dict[str, list[float]] = {m: [] for m in methods}
+        rates: dict[str, list[float]] = {m: [] for m in methods}  # tokens/s of each run
+        counts: dict[str, list[int]] = {m: [] for m in methods}
         tokens: dict[str, list[int]] = {}
         before = {m: spec_counts(llms[m]) for m in methods}
         for _ in range(args.repeats):
             for m in methods:
                 tokens[m], dt = run_one(llms[m], prompt, chat,
                                         chat_params if chat else params)
-                times[m].append(dt)
+                rates[m].append(len(tokens[m]) / dt)
+                counts[m].append(len(tokens[m]))
         for m in methods:
             d = [a - b for a, b in zip(spec_counts(llms[m]), before[m])]
-            dt = statistics.median(times[m])
             rows.append({
-                "method": m, "prompt": name, "batch": 1, "tokens": len(tokens[m]),
-                "tokens_per_s": len(tokens[m]) / dt,
-                "identical": tokens[m] == tokens[methods[0]],
+                # sampled answers differ in length from run to run: the median run's count
+                "method": m, "prompt": name, "batch": 1, "tokens": statistics.median(counts[m]),
+                "tokens_per_s": statistics.median(rates[m]),
+                "identical": None if sampled else tokens[m] == tokens[methods[0]],
                 "acceptance": d[1] / d[0] if d[0] else None,
                 "mean_accepted_length": d[3] / d[2] if d[2] else None,
-                "proposer_s_per_token": d[4] / (len(tokens[m]) * args.repeats) if m != "none"
-                else None,
+                "proposer_s_per_token": d[4] / sum(counts[m]) if m != "none" else None,
             })
             print(rows[-1], flush=True)
     for size in batch_sizes:
@@ -173,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup"] = r["tokens_per_s"] / base[(r["prompt"], r["batch"])]
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] is not None else "-"
+        same = "-" if r["identical"] is None else r["identical"]
         print(f"| {r['method']} | {r['prompt']} | {r['batch']} | {r['tokens']} | "
-              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical']} | {acc} | "
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {same} | {acc} | "
               f"{mal} |")
     chats = {r["prompt"] for r in rows if r["prompt"].startswith("chat") and r["batch"] == 1}
     if chats:

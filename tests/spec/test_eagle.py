@@ -346,21 +346,29 @@ def test_serve_config_refuses_eagle_with_parallelism():
     assert ok.engine.speculative.method == "eagle"
 
 
-def test_sampled_requests_verify_eagle_proposals(model, heads):
-    """At temperature > 0 a proposal is a point mass the rejection sampler can verify; the run
-    must finish with every token in range and every KV block back."""
+@pytest.mark.parametrize("width", [1, 2])
+def test_sampled_requests_verify_eagle_proposals(model, heads, width):
+    """At temperature > 0 a proposal is a point mass the rejection sampler can verify (a tree
+    with width 2, walked by worker/spec/tree.py: walk_sampled); the run must finish with every
+    token in range and every KV block back."""
     from protos.messages import SamplingParams
 
     eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
-                                   eagle_min_confidence=0.0))
+                                   eagle_min_confidence=0.0, eagle_tree_width=width,
+                                   eagle_tree_min_prob=0.0))
+    walked: list[list[int]] = []
+    on_tree_accept = eng.spec.proposer.on_tree_accept
+    eng.spec.proposer.on_tree_accept = lambda s, path: (walked.append(path),
+                                                        on_tree_accept(s, path))
     reqs = [Request(request_id=f"s{i}", prompt_token_ids=p,
                     sampling=SamplingParams(temperature=0.7, max_tokens=16, ignore_eos=True,
-                                            seed=i))
+                                            seed=i, repetition_penalty=1.1))
             for i, p in enumerate(PROMPTS)]
     out = run_to_completion(eng, reqs)
     assert all(len(tokens_of(out[r.request_id])) == 16 for r in reqs)
     assert all(0 <= t < 256 for r in reqs for t in tokens_of(out[r.request_id]))
     assert eng.spec.metrics.proposed_tokens > 0
+    assert (len(walked) > 0) == (width > 1)
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 

@@ -7,6 +7,8 @@ implementation fails about once in a thousand runs; seeds are fixed, so these ru
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -83,3 +85,63 @@ def test_engine_sampled_tokens_follow_the_target(tmp_path):
         p2 = hf(ctx).logits[:, -1].softmax(-1)
     marginal = (p1.unsqueeze(-1) * p2).sum(0)
     assert chi_square(second.float(), marginal) < CHI2_999[7]
+
+
+class FixedTree(Proposer):
+    """Trees of point masses: two siblings drawn from q without replacement, a child of the
+    second and one of the first, each drawn from q, so that every branch gets accepted now and
+    then (the engine cuts a tree to k tokens; parents come first)."""
+
+    def __init__(self, q: torch.Tensor, seed: int = 1) -> None:
+        self.q = q
+        self.g = torch.Generator().manual_seed(seed)
+        self.paths: list[list[int]] = []
+
+    def propose(self, seqs, ks):
+        out = []
+        for _ in ks:
+            a, b = torch.multinomial(self.q, 2, generator=self.g).tolist()
+            c, d = torch.multinomial(self.q, 2, replacement=True, generator=self.g).tolist()
+            out.append(Proposal([a, b, c, d], parents=[-1, -1, 1, 0]))
+        return out
+
+    def on_tree_accept(self, seq, path):
+        self.paths.append(path)
+
+
+def test_engine_sampled_tree_tokens_follow_the_target(tmp_path):
+    """Sampled tree verification (worker/spec/tree.py: walk_sampled) in the engine: each of the
+    output tokens 2-5 follows the target's marginal. Many come after an accepted second branch,
+    whose K/V were moved into a chain's slots before the next step read them."""
+    model_dir = _make_hf_model("llama-gqa", tmp_path / "v8", vocab_size=8)
+    prompt = [3, 5, 1, 4]
+    n, length = 1500, 5
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4, min_acceptance=0.0,
+                             max_batch_size=4096, max_step_tokens=1 << 16, measure_gate=False)
+    eng = Engine(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_bytes=1 << 23,
+                              block_size=4, max_num_seqs=512, speculative=spec))
+    eng.spec.proposer = tree = FixedTree(torch.tensor([0.3, 0.05, 0.05, 0.3, 0.1, 0.1, 0.05,
+                                                       0.05]))
+    params = SamplingParams(temperature=1.0, max_tokens=length, ignore_eos=True)
+    out = run_to_completion(eng, [Request(request_id=str(i), prompt_token_ids=prompt,
+                                          sampling=params) for i in range(n)])
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    seqs = torch.tensor([tokens_of(d) for d in out.values()])
+    assert sum(1 for p in tree.paths if p[:1] == [1]) > n / 10  # the second sibling
+    assert sum(1 for p in tree.paths if p == [1, 2]) > n / 150  # and its child
+
+    import transformers as tf
+
+    hf = tf.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    joint = torch.ones(())  # P(t_1 .. t_j) over all 8^j prefixes
+    with torch.no_grad():
+        for j in range(length):
+            prefixes = torch.tensor(list(itertools.product(range(8), repeat=j)),
+                                    dtype=torch.long).view(8 ** j, j)
+            ctx = torch.cat([torch.tensor(prompt).expand(8 ** j, -1), prefixes], 1)
+            nxt = hf(ctx).logits[:, -1].softmax(-1).view(*[8] * j, 8)
+            joint = joint.unsqueeze(-1) * nxt
+            if j:
+                seen = torch.bincount(seqs[:, j], minlength=8).float()
+                marginal = joint.sum(tuple(range(j)))
+                assert chi_square(seen, marginal) < CHI2_999[7], f"output token {j + 1}"

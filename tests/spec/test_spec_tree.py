@@ -7,13 +7,15 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from protos.messages import Request, SamplingParams
 from tests.engine_utils import greedy, run_to_completion, tokens_of
 from tests.spec.test_spec_greedy import PROMPTS, make_engine, run
+from tests.spec.test_spec_sampling import CHI2_999, chi_square
 from worker.spec.config import SpeculativeConfig
 from worker.spec.proposer import Proposal, Proposer
-from worker.spec.tree import depths, first_branch, tree_holes, walk_greedy
+from worker.spec.tree import branch, depths, first_branch, tree_holes, walk_greedy, walk_sampled
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,12 @@ def baseline(model):
     return run(make_engine(model, None))
 
 
-def random_tree(rng: random.Random, truth: list[int], k: int) -> Proposal:
+def random_tree(rng: random.Random, truth: list[int], k: int,
+                decoys: list[int] | None = None) -> Proposal:
     """Up to k tokens: decoy branches around the true continuation (itself sometimes corrupted
-    part-way), the true branch at a random place among its siblings."""
+    part-way), the true branch at a random place among its siblings. Decoys are random tokens,
+    or drawn from `decoys`."""
+    decoy = (lambda: rng.choice(decoys)) if decoys else (lambda: rng.randrange(256))
     tokens: list[int] = []
     parents: list[int] = []
     node = -1
@@ -39,12 +44,12 @@ def random_tree(rng: random.Random, truth: list[int], k: int) -> Proposal:
         for s in range(siblings + 1):
             if len(tokens) >= k:
                 break
-            tokens.append(want if s == place and rng.random() > 0.15 else rng.randrange(256))
+            tokens.append(want if s == place and rng.random() > 0.15 else decoy())
             parents.append(node)
             if s == place:
                 true_index = len(tokens) - 1
             elif rng.random() < 0.3 and len(tokens) < k:  # a decoy with a child of its own
-                tokens.append(rng.randrange(256))
+                tokens.append(decoy())
                 parents.append(len(tokens) - 2)
         if true_index is None:
             break
@@ -53,20 +58,30 @@ def random_tree(rng: random.Random, truth: list[int], k: int) -> Proposal:
 
 
 class TreeOracle(Proposer):
+    """Random trees around the reference answer. `probs`: each proposal also claims a draft
+    distribution (a point mass at each token), as a draft model's would. `answer_decoys`: the
+    decoys are tokens of the answer."""
+
     def __init__(self, reference: dict[tuple[int, ...], list[int]], seed: int = 0,
-                 chain: bool = False) -> None:
+                 chain: bool = False, probs: bool = False, answer_decoys: bool = False) -> None:
         self.reference = reference
         self.rng = random.Random(seed)
         self.chain = chain
+        self.probs = probs
+        self.answer_decoys = answer_decoys
         self.paths: list[list[int]] = []
 
     def propose(self, seqs, ks):
         out = []
         for seq, k in zip(seqs, ks):
             ref = self.reference[tuple(seq.token_ids[:seq.num_prompt_tokens])]
-            prop = random_tree(self.rng, ref[seq.num_output_tokens:], k)
+            prop = random_tree(self.rng, ref[seq.num_output_tokens:], k,
+                               ref if self.answer_decoys else None)
             if self.chain:
                 prop = Proposal(first_branch(prop.token_ids, prop.parents))
+            if self.probs and prop.token_ids:
+                q = torch.nn.functional.one_hot(torch.tensor(prop.token_ids), 256).float()
+                prop = Proposal(prop.token_ids, q, prop.parents)
             out.append(prop)
         return out
 
@@ -83,6 +98,38 @@ def test_tree_helpers() -> None:
     best = [11, 99, 13, 0, 14, 7]  # the target's argmax after the root and after each token
     assert walk_greedy(best, [10, 11, 12, 13, 14], parents) == ([11, 13, 14, 7], [1, 3, 4])
     assert walk_greedy([5] * 6, [10, 11, 12, 13, 14], parents) == ([5], [])
+    assert branch([10, 11, 12, 13, 14], parents, 4) == [11, 13, 14]
+    assert branch([10, 11, 12, 13, 14], parents, 2) == [10, 12]
+    assert branch([10, 11, 12, 13, 14], parents, -1) == []
+
+
+def test_walk_sampled_emits_what_the_target_samples():
+    """Chi-square (significance 0.001, fixed seed): the first emitted token follows the root's
+    p whatever the children are (two siblings, a duplicate, one that p rules out); after an
+    accepted child the next token follows the p of that child's row."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.0, 0.3, 0.15, 0.25, 0.2, 0.1],   # the root's row
+                      [0.4, 0.1, 0.1, 0.1, 0.2, 0.1],     # after token 1 (node 0)
+                      [0.1, 0.1, 0.5, 0.1, 0.1, 0.1],     # after token 3 (node 1)
+                      [0.2] * 5 + [0.0],                  # node 2: a duplicate of token 1
+                      [0.0, 0.5, 0.0, 0.0, 0.5, 0.0],     # node 3: token 0, ruled out
+                      [0.3, 0.1, 0.1, 0.1, 0.1, 0.3]])    # node 4, under node 0
+    tokens, parents = [1, 3, 1, 0, 4], [-1, -1, -1, -1, 0]
+    first = torch.zeros(6)
+    after: dict[int, torch.Tensor] = {1: torch.zeros(6), 3: torch.zeros(6)}
+    for _ in range(12_000):
+        emitted, path = walk_sampled(p, tokens, parents, g)
+        first[emitted[0]] += 1
+        assert len(emitted) == len(path) + 1
+        assert [tokens[n] for n in path] == emitted[:len(path)]
+        if path:
+            assert path[0] in (0, 1)  # never the duplicate (node 2)
+            after[emitted[0]][emitted[1]] += 1
+    assert first[0] == 0
+    assert chi_square(first[1:], p[0, 1:]) < 18.47  # 4 degrees of freedom
+    assert chi_square(after[3], p[2]) < CHI2_999[5]
+    # after token 1 the walk may go on into node 4 (token 4): what leaves node 0 is still p[1]
+    assert chi_square(after[1], p[1]) < CHI2_999[5]
 
 
 @pytest.mark.parametrize("k", [3, 6, 12])
@@ -133,20 +180,58 @@ def test_tree_logprobs_are_the_targets(model):
         assert [t.token_id for t in x.top] == [t.token_id for t in y.top]
 
 
-def test_sampled_requests_verify_the_first_branch(model, baseline):
-    """Where a tree cannot be walked (sampling), its first branch is verified as a chain: the
-    same tokens as a proposer that gives that chain, under the same seed."""
+def sampled_run(model, ref, proposer_seed: int, chain: bool = False, probs: bool = False,
+                **params) -> tuple[list[list[int]], TreeOracle]:
+    eng = make_engine(model, SpeculativeConfig(method="ngram", num_speculative_tokens=4,
+                                               min_acceptance=0.0, max_step_tokens=64))
+    eng.spec.proposer = oracle = TreeOracle(ref, seed=proposer_seed, chain=chain, probs=probs)
+    reqs = [Request(request_id=f"s{i}", prompt_token_ids=p,
+                    sampling=SamplingParams(max_tokens=16, seed=11 + i, ignore_eos=True,
+                                            **params))
+            for i, p in enumerate(PROMPTS)]
+    out = run_to_completion(eng, reqs)
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    return [tokens_of(out[r.request_id]) for r in reqs], oracle
+
+
+def test_sampled_requests_walk_trees(model, baseline):
+    """Sampled requests walk trees too (test_spec_sampling.py checks what they emit), and a
+    seeded request's answer repeats. A proposal that comes with a draft distribution is
+    verified on its first branch (Leviathan's test, which needs q): the same tokens as a
+    proposer that gives that chain, under the same seed."""
     ref = {tuple(p): b for p, b in zip(PROMPTS, baseline)}
-    outs = []
-    for chain in (False, True):
-        eng = make_engine(model, SpeculativeConfig(method="ngram", num_speculative_tokens=4,
-                                                   min_acceptance=0.0))
-        eng.spec.proposer = TreeOracle(ref, seed=5, chain=chain)
-        reqs = [Request(request_id=f"s{i}", prompt_token_ids=p,
-                        sampling=SamplingParams(temperature=0.8, max_tokens=16, seed=11 + i,
-                                                ignore_eos=True))
+    params = dict(temperature=0.8, top_k=40, repetition_penalty=1.2)
+    tree, oracle = sampled_run(model, ref, 5, **params)
+    assert len(oracle.paths) > 10
+    assert sampled_run(model, ref, 5, **params)[0] == tree
+    with_q, oracle = sampled_run(model, ref, 5, probs=True, **params)
+    assert not oracle.paths  # no tree was walked
+    assert with_q == sampled_run(model, ref, 5, chain=True, probs=True, **params)[0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_trees_with_penalties_and_min_tokens(model, temperature):
+    """Each verify row is processed with its own branch's history: penalties and min_tokens
+    give exactly what plain greedy decoding with them gives. At temperature 0.7 with top_k 1 the
+    sampled walk (rejection sampling; p is a point mass at the argmax) must give the same
+    tokens, its accepted branches' K/V moved as the greedy walk's are. Decoys are tokens of the
+    answer itself, so a row processed with another branch's history picks other tokens."""
+    params = dict(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                  min_tokens=10)
+
+    def go(eng, temperature):
+        reqs = [Request(request_id=f"p{i}", prompt_token_ids=p,
+                        sampling=SamplingParams(temperature=temperature, top_k=1, max_tokens=24,
+                                                **params))
                 for i, p in enumerate(PROMPTS)]
         out = run_to_completion(eng, reqs)
-        outs.append([tokens_of(out[r.request_id]) for r in reqs])
-        assert not eng.spec.proposer.paths  # no tree was walked
-    assert outs[0] == outs[1]
+        return [tokens_of(out[r.request_id]) for r in reqs]
+
+    want = go(make_engine(model, None), 0.0)
+    eng = make_engine(model, SpeculativeConfig(method="ngram", num_speculative_tokens=6,
+                                               min_acceptance=0.0, max_step_tokens=64))
+    eng.spec.proposer = oracle = TreeOracle({tuple(p): b for p, b in zip(PROMPTS, want)}, seed=9,
+                                            answer_decoys=True)
+    assert go(eng, temperature) == want
+    assert sum(1 for p in oracle.paths if p and p != list(range(len(p)))) > 10
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks

@@ -40,7 +40,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # head's tree (docs/speculative.md)
     eagle_ngram_min_tokens: int = 3
     # eagle: draft a token tree this wide (each node's likeliest next tokens), verified in one
-    # forward (worker/spec/tree.py); 1: a chain. Greedy requests only; others get chains.
+    # forward (worker/spec/tree.py); 1: a chain. Sampled requests walk it by rejection
+    # sampling; tensor or pipeline parallel engines verify its first branch.
     # 2: on a Zen 5 CPU it beat chains on chat in three runs out of three (docs/speculative.md).
     eagle_tree_width: int = 2
     # eagle trees: stop growing when the likeliest unexpanded branch is less likely than this

@@ -10,10 +10,11 @@ The engine asks three things of it each step (worker/engine.py):
    ordinary sampler for the rest; returns the tokens each sequence emits this step.
 
 Token trees (worker/spec/tree.py): a proposal with parents is scored in the same forward, each
-token at position root + depth under a tree mask (StepPlan.attn_holes). Greedy requests without
-penalties walk the tree; the accepted branch's K/V then move into the chain's slots
-(`move_kv`, the runner's). Other requests, and engines whose runner cannot move K/V (tensor or
-pipeline parallel), verify the tree's first branch as a chain.
+token at position root + depth under a tree mask (StepPlan.attn_holes). Verification walks the
+tree, greedy or by rejection sampling, each row processed (penalties, min_tokens) with the
+history of its own branch; the accepted branch's K/V then move into the chain's slots
+(`move_kv`, the runner's). Engines whose runner cannot move K/V (tensor or pipeline parallel),
+and proposals with a draft distribution, verify the tree's first branch as a chain.
 
 k per sequence follows an EMA of its acceptance rate alpha: the j-th proposed token is only used
 if the j before it were accepted (probability alpha^j, Leviathan et al. 2023, eq. 1), so k is
@@ -44,7 +45,15 @@ from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.gate import SpecGate
 from worker.spec.processing import RowContext, history_rows, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
-from worker.spec.tree import depths, first_branch, is_chain, tree_holes, walk_greedy
+from worker.spec.tree import (
+    branch,
+    depths,
+    first_branch,
+    is_chain,
+    tree_holes,
+    walk_greedy,
+    walk_sampled,
+)
 from worker.spec.verifier import verify_greedy, verify_sampled
 
 _PRIOR_ACCEPTANCE = 0.6  # a new sequence starts here (k=2 where min_acceptance is 0.3)
@@ -188,7 +197,7 @@ class SpecDecoder:
                     parents = parents[:len(tokens)]
                     if is_chain(parents):
                         parents = None
-                    elif not self._tree_ok(seq):
+                    elif self.move_kv is None or prop.probs is not None:
                         tokens, parents = first_branch(tokens, parents), None
                 if tokens and all(0 <= t < self.vocab_size for t in tokens):
                     probs = prop.probs[:len(tokens)] if prop.probs is not None else None
@@ -222,11 +231,6 @@ class SpecDecoder:
             batch.rows.append(_Row(seq, len(rows), prop))
             rows.extend(range(end - 1 - len(prop.token_ids), end))
         return msgspec.structs.replace(plan, sample_indices=rows), batch
-
-    def _tree_ok(self, seq: Sequence) -> bool:
-        p = seq.params
-        return (self.move_kv is not None and p.greedy and not p.has_penalties
-                and not p.min_tokens)
 
     @staticmethod
     def _tree_layout(plan: StepPlan, sched: SchedulerOutput,
@@ -270,13 +274,14 @@ class SpecDecoder:
         # fp32, and a copy: penalties edit it in place (one pass, where .float().clone() took two)
         block = logits[row.first:row.first + m + 1].to(torch.float32, copy=True)
         raw = block.clone() if seq.params.logprobs is not None else None
-        params = seq.params
+        params, parents = seq.params, row.proposal.parents
         if params.has_penalties or params.min_tokens:
-            ctxs = [RowContext(params, h, seq.num_prompt_tokens)
-                    for h in history_rows(seq.token_ids, drafts, m + 1)]
+            histories = (history_rows(seq.token_ids, drafts, m + 1) if parents is None else
+                         [seq.token_ids + branch(drafts, parents, node) for node in range(-1, m)])
+            ctxs = [RowContext(params, h, seq.num_prompt_tokens) for h in histories]
             penalized(block, ctxs, self.eos_token_ids)
-        if row.proposal.parents is not None:
-            return self._verify_tree(block, raw, row)
+        if parents is not None:
+            return self._verify_tree(block, raw, row, sampler)
         if params.greedy:
             emitted = verify_greedy(block, drafts)
         else:
@@ -292,11 +297,15 @@ class SpecDecoder:
         logp = raw.log_softmax(-1)
         return emitted, [_logprob(logp[j], t, params.logprobs) for j, t in enumerate(emitted)]
 
-    def _verify_tree(self, block: torch.Tensor, raw: torch.Tensor | None,
-                     row: _Row) -> tuple[list[int], list[SampledLogprobs | None]]:
+    def _verify_tree(self, block: torch.Tensor, raw: torch.Tensor | None, row: _Row,
+                     sampler: Sampler) -> tuple[list[int], list[SampledLogprobs | None]]:
         seq, drafts, parents = row.seq, row.proposal.token_ids, row.proposal.parents
         assert parents is not None and self.move_kv is not None
-        emitted, path = walk_greedy(argmax_rows(block).tolist(), drafts, parents)
+        if seq.params.greedy:
+            emitted, path = walk_greedy(argmax_rows(block).tolist(), drafts, parents)
+        else:
+            gen = seq.generator if seq.generator is not None else sampler.generator
+            emitted, path = walk_sampled(probabilities(block, seq.params), drafts, parents, gen)
         # The accepted branch's K/V move to the slots a chain would have used: the root is
         # the sequence's last committed token, at index n - 1.
         n, bs, table = seq.num_tokens, self.block_size, seq.block_table

@@ -16,7 +16,7 @@ A batch drafts in lockstep: one head call for all its catch-ups, then one per de
 sequence still drafting (the fused kernel takes rows of several sequences per call, and a call
 costs about as much for one row as for eight).
 
-With `tree_width` > 1 (greedy requests) the draft is a token tree, as in EAGLE-2 (Li et al.
+With `tree_width` > 1 the draft is a token tree, as in EAGLE-2 (Li et al.
 2024b): at each depth the `tree_width` most likely nodes so far (by the product of the head's
 probabilities along their branch) are expanded in one call of the head, each into its
 `tree_width` most likely next tokens; the proposal is the k most likely nodes of all, leaving
@@ -178,8 +178,7 @@ class EagleProposer(Proposer):
             last = st.last if st.done == seq.num_tokens else None
             if last is None or k <= 0:
                 continue
-            p = seq.params
-            tree = self.tree_width > 1 and p.greedy and not p.has_penalties and not p.min_tokens
+            tree = self.tree_width > 1
             # scratch rows for the rollout; a full pool drafts nothing
             if self.layer.reserve(st.cache, st.rows + (min(MAX_TREE_TOKENS, self.tree_width * k)
                                                        if tree else k)):

@@ -4,15 +4,19 @@ A tree proposal is a list of tokens and, for each, its parent: -1 for the root (
 last committed token, which the step feeds first) or the index of an earlier token, so parents
 always come before their children. The verify step feeds the root and then the tokens in that
 order; each token sits at position root + depth and attends to the past and its own ancestors
-only (`tree_holes`, kernels/paged_attention.py). Greedy verification walks down from the root:
-at each node the target's argmax is compared with the node's children and the matching child,
-if any, is accepted. The accepted branch's K/V then move to where a chain would have put them
-(ModelRunner.move_kv), so the next step sees an ordinary sequence.
+only (`tree_holes`, kernels/paged_attention.py). Verification walks down from the root. Greedy
+(`walk_greedy`): at each node the target's argmax is compared with the node's children and the
+matching child, if any, is accepted. Sampled (`walk_sampled`): the children are tried in turn by
+rejection sampling against the target's distribution at the node. The accepted branch's K/V then
+move to where a chain would have put them (ModelRunner.move_kv), so the next step sees an
+ordinary sequence.
 
 A chain is the tree [-1, 0, 1, ...]. Trees hold at most 63 tokens: the mask of a row is 64 bits.
 """
 
 from __future__ import annotations
+
+import torch
 
 MAX_TREE_TOKENS = 63
 
@@ -50,13 +54,19 @@ def tree_holes(parents: list[int]) -> list[int]:
     return rows
 
 
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    """Each node's children in order (-1: the root's)."""
+    out: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        out.setdefault(p, []).append(i)
+    return out
+
+
 def walk_greedy(best: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
     """(emitted tokens, indices of the accepted tree tokens): `best` is the target's argmax at each
     verify row (root first). The emitted tokens are the accepted ones and the target's own
     token after them, exactly what greedy decoding would produce."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents):
-        children.setdefault(p, []).append(i)
+    children = _children(parents)
     node, path, emitted = -1, [], []
     while True:
         want = best[node + 1]
@@ -68,9 +78,58 @@ def walk_greedy(best: list[int], tokens: list[int], parents: list[int]) -> tuple
         node = nxt
 
 
+def walk_sampled(probs: torch.Tensor, tokens: list[int], parents: list[int],
+                 generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+    """(emitted tokens, indices of the accepted tree tokens) by rejection sampling: `probs`
+    [1 + len(tokens), V] is the target's processed distribution at each verify row (root first).
+
+    The tree's tokens are point masses (a deterministic guess, no draft distribution), tried in
+    order among siblings, as SpecInfer's multi-draft verification does with q = delta: with r the
+    node's distribution, a child x is accepted with probability r(x) / sum(r); if it is rejected,
+    r(x) = 0 and the next sibling is tried; when none is accepted a token is drawn from r. A
+    token y then leaves the node with probability p(y) whatever the children are (for the first
+    child p(x1); for the second (1 - p(x1)) * p(x2) / (1 - p(x1)); for a non-child the product of
+    the rejections times r(y) / sum(r), which is p(y)), and an accepted child continues under the
+    target's distribution after it, so every emitted token follows the target exactly."""
+    children = _children(parents)
+    node, path, emitted = -1, [], []
+    while True:
+        row = probs[node + 1]
+        residual, total = row, float(row.sum())
+        nxt = None
+        for c in children.get(node, ()):
+            x = tokens[c]
+            px = float(residual[x])
+            u = float(torch.rand((), generator=generator, dtype=torch.float64))
+            if px > 0 and u * total < px:
+                nxt = c
+                break
+            if residual is row:
+                residual = row.clone()
+            residual[x] = 0.0
+            total = float(residual.sum())
+        if nxt is None:
+            if total <= 0:  # the children held all of p up to rounding: rejection had p ~ 0
+                residual, total = row, float(row.sum())
+            emitted.append(int(torch.multinomial(residual / total, 1, generator=generator)))
+            return emitted, path
+        emitted.append(tokens[nxt])
+        path.append(nxt)
+        node = nxt
+
+
+def branch(tokens: list[int], parents: list[int], node: int) -> list[int]:
+    """The tokens from the root's first child down to `node` (-1: the root, none)."""
+    out: list[int] = []
+    while node >= 0:
+        out.append(tokens[node])
+        node = parents[node]
+    return out[::-1]
+
+
 def first_branch(tokens: list[int], parents: list[int]) -> list[int]:
     """The chain that follows each node's first child from the root: what a tree becomes where
-    it cannot be verified as one (sampled requests)."""
+    it cannot be verified as one (a runner that cannot move K/V, a draft with a distribution)."""
     out: list[int] = []
     node = -1
     for i, p in enumerate(parents):

@@ -48,6 +48,26 @@ def test_top_k_top_p_min_p_match_reference(top_k, top_p, min_p):
             assert out[r, i] == logits[r, i]
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_partial_sort_keeps_what_a_full_sort_keeps(scale):
+    """Rows of mixed settings over a 5000-token vocabulary: flat rows (scale 0.5) hold their
+    nucleus far past the first TOP_CANDIDATES tokens, so they are widened (to 1024, then the
+    whole row); peaky ones stop at the candidates. Every row keeps the reference's set."""
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    n, vocab = 6, 5000
+    logits = torch.randn(n, vocab, generator=gen) * scale
+    top_k = torch.tensor([0, 0, 300, 0, 2000, 40])
+    top_p = torch.tensor([0.9, 0.5, 0.95, 1.0, 0.8, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.01])
+    out = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    for r in range(n):
+        kept = (out[r] != float("-inf")).nonzero().flatten().tolist()
+        want = reference_filter(logits[r].tolist(), int(top_k[r]), float(top_p[r]),
+                                float(min_p[r]))
+        assert set(kept) == want, r
+        assert torch.equal(out[r, kept], logits[r, kept])
+
+
 def _seq(prompt, output, **params) -> Sequence:
     s = Sequence(Request(request_id="x", prompt_token_ids=prompt,
                          sampling=SamplingParams(**params)))

@@ -18,6 +18,7 @@ from tests.engine_utils import run_to_completion, tokens_of
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.spec.config import SpeculativeConfig
+from worker.spec.processing import RowProbabilities, probabilities
 from worker.spec.proposer import Proposal, Proposer
 from worker.spec.verifier import verify_sampled
 
@@ -42,6 +43,19 @@ def test_verifier_first_token_follows_p(point_mass):
         emitted = verify_sampled(p, None if point_mass else q, proposal, g)
         counts[emitted[0]] += 1
     assert chi_square(counts, p[0].float()) < CHI2_999[5]
+
+
+def test_rows_past_the_first_rejection_are_not_processed():
+    """Filtering a row for top-p is the dear part of verification: a rejection at the first
+    draft reads the first row only, and a processed row equals the block's."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2)) * 3
+    params = SamplingParams(temperature=0.7, top_p=0.8, top_k=20)
+    rows = RowProbabilities(logits, params)
+    p0 = rows[0]
+    ruled_out = int(p0.argmin())  # p = 0 after top-k: always rejected
+    verify_sampled(rows, None, [ruled_out, 1, 2, 3], torch.Generator().manual_seed(0))
+    assert sorted(rows._rows) == [0]
+    torch.testing.assert_close(rows[3], probabilities(logits, params)[3], rtol=0, atol=0)
 
 
 class FixedQ(Proposer):

@@ -43,7 +43,7 @@ from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
 from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.gate import SpecGate
-from worker.spec.processing import RowContext, history_rows, penalized, probabilities
+from worker.spec.processing import RowContext, RowProbabilities, history_rows, penalized
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
 from worker.spec.tree import (
     branch,
@@ -286,7 +286,8 @@ class SpecDecoder:
             emitted = verify_greedy(block, drafts)
         else:
             gen = seq.generator if seq.generator is not None else sampler.generator
-            emitted = verify_sampled(probabilities(block, params), row.proposal.probs, drafts, gen)
+            emitted = verify_sampled(RowProbabilities(block, params), row.proposal.probs,
+                                     drafts, gen)
         accepted = len(emitted) - 1
         self._record(seq, m, accepted)
         self.proposer.on_accept(seq, accepted)
@@ -305,7 +306,8 @@ class SpecDecoder:
             emitted, path = walk_greedy(argmax_rows(block).tolist(), drafts, parents)
         else:
             gen = seq.generator if seq.generator is not None else sampler.generator
-            emitted, path = walk_sampled(probabilities(block, seq.params), drafts, parents, gen)
+            emitted, path = walk_sampled(RowProbabilities(block, seq.params), drafts, parents,
+                                         gen)
         # The accepted branch's K/V move to the slots a chain would have used: the root is
         # the sequence's last committed token, at index n - 1.
         n, bs, table = seq.num_tokens, self.block_size, seq.block_table

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from worker.sampler import draw
+from worker.spec.processing import RowProbabilities
+
 MAX_TREE_TOKENS = 63
 
 
@@ -78,10 +81,11 @@ def walk_greedy(best: list[int], tokens: list[int], parents: list[int]) -> tuple
         node = nxt
 
 
-def walk_sampled(probs: torch.Tensor, tokens: list[int], parents: list[int],
+def walk_sampled(probs: torch.Tensor | RowProbabilities, tokens: list[int], parents: list[int],
                  generator: torch.Generator | None) -> tuple[list[int], list[int]]:
     """(emitted tokens, indices of the accepted tree tokens) by rejection sampling: `probs`
-    [1 + len(tokens), V] is the target's processed distribution at each verify row (root first).
+    [1 + len(tokens), V] is the target's processed distribution at each verify row (root
+    first); only the rows of the root and the accepted nodes are read.
 
     The tree's tokens are point masses (a deterministic guess, no draft distribution), tried in
     order among siblings, as SpecInfer's multi-draft verification does with q = delta: with r the
@@ -95,23 +99,25 @@ def walk_sampled(probs: torch.Tensor, tokens: list[int], parents: list[int],
     node, path, emitted = -1, [], []
     while True:
         row = probs[node + 1]
-        residual, total = row, float(row.sum())
+        total = float(row.sum())
+        rejected: dict[int, float] = {}  # token -> its weight, taken out of r
         nxt = None
         for c in children.get(node, ()):
             x = tokens[c]
-            px = float(residual[x])
+            px = 0.0 if x in rejected else float(row[x])
             u = float(torch.rand((), generator=generator, dtype=torch.float64))
             if px > 0 and u * total < px:
                 nxt = c
                 break
-            if residual is row:
-                residual = row.clone()
-            residual[x] = 0.0
-            total = float(residual.sum())
+            rejected[x] = px
+            total -= px
         if nxt is None:
-            if total <= 0:  # the children held all of p up to rounding: rejection had p ~ 0
-                residual, total = row, float(row.sum())
-            emitted.append(int(torch.multinomial(residual / total, 1, generator=generator)))
+            residual = row
+            if rejected and total > 1e-6 * float(row.sum()):
+                residual = row.clone()
+                residual[list(rejected)] = 0.0
+            # else the children held all of p up to rounding: their rejection had p ~ 0
+            emitted.append(draw(residual, generator))
             return emitted, path
         emitted.append(tokens[nxt])
         path.append(nxt)

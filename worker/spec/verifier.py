@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from kernels.argmax import argmax_rows
+from worker.sampler import draw
+from worker.spec.processing import RowProbabilities
 
 
 def verify_greedy(target_logits: torch.Tensor, proposal: list[int]) -> list[int]:
@@ -32,14 +34,15 @@ def verify_greedy(target_logits: torch.Tensor, proposal: list[int]) -> list[int]
     return [*proposal[:a], best[a]]
 
 
-def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, proposal: list[int],
-                   generator: torch.Generator | None) -> list[int]:
-    """Emitted tokens by rejection sampling. p: [m+1, V] target probabilities; q: [m, V] draft
-    probabilities, or None for point masses at the proposal."""
+def verify_sampled(p: torch.Tensor | RowProbabilities, q: torch.Tensor | None,
+                   proposal: list[int], generator: torch.Generator | None) -> list[int]:
+    """Emitted tokens by rejection sampling. p: [m+1, V] target probabilities (rows are read
+    down to the first rejection only); q: [m, V] draft probabilities, or None for point masses
+    at the proposal."""
     m = len(proposal)
     u = torch.rand(m, generator=generator, dtype=torch.float64).tolist() if m else []
     for j, x in enumerate(proposal):
-        px = float(p[j, x])
+        px = float(p[j][x])
         qx = float(q[j, x]) if q is not None else 1.0
         if qx > 0 and u[j] * qx < px:  # u < p/q, i.e. probability min(1, p/q)
             continue
@@ -48,9 +51,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, proposal: list[int],
         else:
             residual = p[j].clone()
             residual[x] = 0
-        total = float(residual.sum())
-        if total <= 0:  # p == q up to rounding: the rejection had probability ~0
-            residual, total = p[j], float(p[j].sum())
-        token = int(torch.multinomial(residual / total, 1, generator=generator))
-        return [*proposal[:j], token]
-    return [*proposal, int(torch.multinomial(p[m], 1, generator=generator))]
+        if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection had p ~ 0
+            residual = p[j]
+        return [*proposal[:j], draw(residual, generator)]
+    return [*proposal, draw(p[m], generator)]

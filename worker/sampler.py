@@ -42,18 +42,36 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
             row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
 
 
+# Tokens per block of draw_rows' two-level cumulative sum
+DRAW_BLOCK = 256
+
+
 def draw_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A token per row of `weights` [n, V] (non-negative, not necessarily normalized), drawn
-    by inverting the row's cumulative sum (float64) at the uniforms u [n] in [0, 1).
+    by inverting the row's cumulative sum at the uniforms u [n] in [0, 1).
 
     One random number per row: torch.multinomial and an exponential race over 49152 tokens cost
-    ~1.1-1.2 ms a row on this CPU, this ~0.07 ms. A token of weight 0 is never drawn: its
-    cumulative sum equals the one before it, and the search takes the first that exceeds the
-    target."""
-    cdf = weights.to(torch.float64).cumsum(-1)
-    target = (u.to(torch.float64) * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return idx.clamp_(max=weights.shape[-1] - 1)
+    ~1.1-1.2 ms a row on this CPU. The sum is taken in two levels, blocks of DRAW_BLOCK tokens
+    and then within the block the target falls in (float64), so nothing of the row's size is
+    allocated: a whole-row float64 cumsum of 64 rows took 19 ms in fresh pages. A token of
+    weight 0 is never drawn: the search takes the first cumulative sum that exceeds the target,
+    and rounding that would run past a row's last positive block or token stops there."""
+    n, vocab = weights.shape
+    pad = -vocab % DRAW_BLOCK
+    w = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
+    blocks = w.view(n, -1, DRAW_BLOCK)
+    cdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [n, blocks]
+    target = u.to(torch.float64) * cdf[:, -1]
+    last = (cdf < cdf[:, -1:]).sum(-1)  # the last block with weight
+    b = torch.minimum(torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1),
+                      last)
+    rows = torch.arange(n)
+    target = target - torch.where(b > 0, cdf[rows, (b - 1).clamp(min=0)], 0.0)
+    inner = blocks[rows, b].to(torch.float64).cumsum(-1)  # [n, DRAW_BLOCK]
+    last = (inner < inner[:, -1:]).sum(-1)  # the block's last token with weight
+    i = torch.minimum(torch.searchsorted(inner, target.unsqueeze(-1), right=True).squeeze(-1),
+                      last)
+    return b * DRAW_BLOCK + i
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -161,16 +161,22 @@ def test_trees_with_prefix_hits_and_preemption(model, baseline):
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 
-def test_tree_logprobs_are_the_targets(model):
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_tree_logprobs_are_the_targets(model, temperature):
+    """Logprobs of tree-verified tokens are the target's raw ones at the rows of the accepted
+    branch; at temperature 0.7 with top_k 1 the sampled walk emits the greedy tokens."""
     eng0 = make_engine(model, None)
-    req = lambda rid: Request(request_id=rid, prompt_token_ids=PROMPTS[1],  # noqa: E731
-                              sampling=greedy(16, logprobs=2))
-    want = run_to_completion(eng0, [req("a")])["a"]
+    want = run_to_completion(eng0, [Request(request_id="a", prompt_token_ids=PROMPTS[1],
+                                            sampling=greedy(16, logprobs=2))])["a"]
     ref = {tuple(PROMPTS[1]): tokens_of(want)}
     eng = make_engine(model, SpeculativeConfig(method="ngram", num_speculative_tokens=5,
                                                min_acceptance=0.0))
-    eng.spec.proposer = TreeOracle(ref, seed=1)
-    got = run_to_completion(eng, [req("b")])["b"]
+    eng.spec.proposer = oracle = TreeOracle(ref, seed=1)
+    params = SamplingParams(temperature=temperature, top_k=1, max_tokens=16, ignore_eos=True,
+                            logprobs=2)
+    got = run_to_completion(eng, [Request(request_id="b", prompt_token_ids=PROMPTS[1],
+                                          sampling=params)])["b"]
+    assert any(p and p != list(range(len(p))) for p in oracle.paths)
     assert tokens_of(got) == tokens_of(want)
     a = [lp for d in want for lp in d.logprobs]
     b = [lp for d in got for lp in d.logprobs]

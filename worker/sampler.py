@@ -90,7 +90,8 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
     Sorting a whole 49k-token row costs ~5 ms on a CPU, about what a decode step of a 135M
     model does, and a speculative step filters k + 1 rows. So only the likeliest tokens are
-    sorted (torch.topk): TOP_CANDIDATES, or top_k if larger, widened while a row's nucleus
+    sorted (torch.topk): the largest top_k where every row has one, else TOP_CANDIDATES (or
+    that top_k if larger), widened while a row's nucleus
     reaches past them, the whole row at worst. Tokens past the candidates are dropped only
     where top-k or top-p is sure to drop them, so the result is the full sort's."""
     vocab = logits.shape[-1]
@@ -109,8 +110,10 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
         out[rows] = apply_top_k_top_p_min_p(logits[rows], top_k[rows], top_p[rows],
                                             torch.zeros(len(rows)))
         return out
-    return _top_k_top_p(logits, k, top_p, max(TOP_CANDIDATES, int(k[cut].max())
-                                              if bool(cut.any()) else 0))
+    # top-k alone needs its k likeliest tokens only; top-p starts from TOP_CANDIDATES
+    kmax = int(k[cut].max()) if bool(cut.any()) else 0
+    return _top_k_top_p(logits, k, top_p,
+                        kmax if bool(cut.all()) else max(TOP_CANDIDATES, kmax))
 
 
 def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,

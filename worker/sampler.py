@@ -1,7 +1,7 @@
 """Batched sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, per-request seeds.
 
 Work is only done for the rows that need it: a batch of greedy requests is one argmax, and the
-sort for top-k/top-p runs only if some row asks for it. Seeded requests draw their random numbers
+top-k/top-p filter (a partial sort) runs only for rows that ask for it. Seeded requests draw their random numbers
 from their own generator, so their tokens do not depend on what else is in the batch.
 """
 
@@ -91,9 +91,9 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     Sorting a whole 49k-token row costs ~5 ms on a CPU, about what a decode step of a 135M
     model does, and a speculative step filters k + 1 rows. So only the likeliest tokens are
     sorted (torch.topk): the largest top_k where every row has one, else TOP_CANDIDATES (or
-    that top_k if larger), widened while a row's nucleus
-    reaches past them, the whole row at worst. Tokens past the candidates are dropped only
-    where top-k or top-p is sure to drop them, so the result is the full sort's."""
+    that top_k if larger), widened while a row's nucleus reaches past them, the whole row at
+    worst. Tokens past the candidates are dropped only where top-k or top-p is sure to drop
+    them, so the result is the full sort's."""
     vocab = logits.shape[-1]
     if bool((min_p > 0).any()):
         probs = logits.softmax(-1)

@@ -9,6 +9,12 @@ the target's greedy token, and the mean number of draft tokens accepted in a row
 prompts are outside the heads' training data, so this is the number that predicts the
 benchmark's speed-up; a head's held-out score in its eagle.json is measured in distribution.
 Several heads are compared on the same answers in one run.
+
+`--temperatures 0.7,1` adds, per temperature T, the chance that the first draft token is
+accepted when the request samples at T, for three ways to draft it: one point mass (the head's
+top token x1: p_T(x1)), two sibling point masses as a width-2 tree walks them (p_T(x1) +
+p_T(x2)), and a draw from the head's own distribution q_T checked by Leviathan's test
+(sum of min(p_T, q_T)), with p_T the target's distribution at T (docs/speculative.md).
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from pathlib import Path
 import torch
 
 from bench.speculative import PROMPTS, austen_prompt
-from bench.train_eagle import chain_acceptance, first_token_accuracy, teacher
+from bench.train_eagle import (
+    chain_acceptance,
+    first_token_accuracy,
+    sampled_acceptance,
+    teacher,
+)
 from worker.spec.eagle_head import SHIPPED_HEADS, load_eagle_head
 
 
@@ -50,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--temperatures", default="",
+                   help="comma-separated sampling temperatures for the first-token acceptance "
+                        "per drafting scheme (0: greedy)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    temperatures = [float(t) for t in args.temperatures.split(",") if t]
+    if any(t < 0 for t in temperatures):
+        p.error("--temperatures must be >= 0")
     torch.set_num_threads(args.threads)
 
     import transformers as tf
@@ -77,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             runs = chain_acceptance(head, item, args.k)
             rows.append({"head": folder, "prompt": name, "answer_tokens": len(ids) - seqs[name][1],
                          "first_token": first_token_accuracy(head, item),
-                         "mean_run": sum(runs) / max(1, len(runs))})
+                         "mean_run": sum(runs) / max(1, len(runs)),
+                         "sampled": {t: sampled_acceptance(head, item[0], lm_head, t)
+                                     for t in temperatures}})
     print(f"\n| head | prompt | answer tokens | first draft token right | mean run of {args.k} |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -88,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{Path(folder).name}: chat mean first token "
               f"{sum(r['first_token'] for r in chats) / len(chats):.3f}, mean run "
               f"{sum(r['mean_run'] for r in chats) / len(chats):.2f}")
+    if temperatures:
+        print("\n| head | T | one point mass | two siblings | a draw from q_T |")
+        print("| --- | --- | --- | --- | --- |")
+        for folder in args.heads.split(","):
+            mine = [r for r in rows if r["head"] == folder and r["prompt"] != "repetitive"]
+            for t in temperatures:
+                mean = [sum(r["sampled"][t][j] for r in mine) / len(mine) for j in range(3)]
+                print(f"| {Path(folder).name} | {t:g} | {mean[0]:.3f} | {mean[1]:.3f} | "
+                      f"{mean[2]:.3f} |")
+        print("(means over all prompts but the copy task)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -133,6 +133,24 @@ def test_cached_rows_equal_the_training_pass(model):
     torch.testing.assert_close(cache[1], v_ref[0], atol=1e-5, rtol=1e-5)
 
 
+def test_offline_sampled_acceptance_at_temperature_zero_is_the_first_token_accuracy(model):
+    """bench.eval_eagle --temperatures: at T = 0 a point mass is accepted exactly where it is
+    the target's greedy token (and a draw from q is that point mass); two siblings are
+    accepted at least as often as one, and every chance lies in [0, 1]."""
+    from bench.train_eagle import first_token_accuracy, sampled_acceptance
+
+    torch.manual_seed(3)
+    head = EagleHead(head_config(model)).eval()
+    lm_head = torch.randn(256, 64)
+    head.attach_target(torch.randn(256, 64), lm_head)
+    item = (torch.randint(0, 256, (40,)), torch.randn(40, 64), 5)
+    one, two, drawn = sampled_acceptance(head, item, lm_head, 0.0)
+    assert one == pytest.approx(first_token_accuracy(head, [item])) and drawn == one
+    for t in (0.5, 1.0):
+        one, two, drawn = sampled_acceptance(head, item, lm_head, t)
+        assert 0 < one <= two <= 1 and 0 < drawn <= 1
+
+
 def test_a_context_pass_trains_what_the_second_draft_token_computes(model):
     """Training's second pass with `context` (--true-context): row i attends to the first
     pass's rows before i and to itself, which is what a second draft token computes at run

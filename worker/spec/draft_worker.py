@@ -27,6 +27,7 @@ import torch
 from worker.config import EngineConfig, ModelConfig
 from worker.kv.kv_manager import KVManager
 from worker.model_runner import ModelRunner
+from worker.sampler import draw
 from worker.scheduler import SchedulerOutput
 from worker.spec.config import SpeculativeConfig
 from worker.spec.messages import DraftBatch, DraftProposal, DraftQuery, DraftReply
@@ -186,7 +187,7 @@ class DraftWorker:
         if p.greedy:
             return int(full.argmax()), None
         dist = probabilities(full, p)[0]
-        return int(torch.multinomial(dist, 1, generator=self.generator)), dist
+        return draw(dist, self.generator), dist
 
     def forget(self, seq_id: str) -> None:
         st = self.states.pop(seq_id, None)

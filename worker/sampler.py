@@ -7,12 +7,15 @@ from their own generator, so their tokens do not depend on what else is in the b
 
 from __future__ import annotations
 
+import itertools
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kernels.argmax import argmax_rows
-from protos.messages import SampledLogprobs, TokenLogprob
+from protos.messages import SampledLogprobs, SamplingParams, TokenLogprob
 from worker.sequence import Sequence
 
 
@@ -24,22 +27,47 @@ class SamplerOutput:
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
     """In place. Repetition penalty (CTRL, Keskar et al. 2019) over prompt and output;
-    presence/frequency penalties (OpenAI) over the output only."""
+    presence/frequency penalties (OpenAI) over the output only.
+
+    All rows at once, on the tokens they have seen (keys row * vocab + token into the flat
+    logits): per row and step, a full-vocabulary bincount and three passes over the row cost
+    ~0.4 ms, 26 ms for a batch of 64."""
     vocab = logits.shape[-1]
-    for r in rows:
-        p = seqs[r].params
-        seq = seqs[r]
-        row = logits[r]
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device)
-            seen = seen[seen < vocab].unique()
-            vals = row.index_select(0, seen)
-            vals = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            row.index_copy_(0, seen, vals)
-        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
-            row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+    flat = logits.view(-1)
+
+    def keys(which: list[int], ids: Callable[[Sequence], list[int]]) -> torch.Tensor:
+        lists = [ids(seqs[r]) for r in which]
+        tokens = torch.empty(0, dtype=torch.long)
+        if any(lists):  # one C loop over all the ids: torch.tensor of a list costs 3x more
+            tokens = torch.frombuffer(array("q", itertools.chain.from_iterable(lists)),
+                                      dtype=torch.long)
+        rows_of = torch.repeat_interleave(torch.tensor(which, dtype=torch.long),
+                                          torch.tensor([len(t) for t in lists]))
+        ok = tokens < vocab
+        return (rows_of[ok] * vocab + tokens[ok]).to(logits.device)
+
+    def per_row(which: list[int], value: Callable[[SamplingParams], float],
+                at: torch.Tensor) -> torch.Tensor:
+        table = torch.zeros(logits.shape[0], dtype=logits.dtype)
+        table[which] = torch.tensor([value(seqs[r].params) for r in which], dtype=logits.dtype)
+        return table.to(logits.device)[at // vocab]
+
+    rep = [r for r in rows if seqs[r].params.repetition_penalty != 1.0]
+    if rep:
+        # A token seen twice is written twice with the same value, computed from the logit
+        # before any write: no need to deduplicate.
+        seen = keys(rep, lambda s: s.token_ids)
+        pen = per_row(rep, lambda p: p.repetition_penalty, seen)
+        vals = flat[seen]
+        flat[seen] = torch.where(vals > 0, vals / pen, vals * pen)
+    pf = [r for r in rows
+          if seqs[r].params.presence_penalty != 0.0 or seqs[r].params.frequency_penalty != 0.0]
+    if pf:
+        seen, counts = keys(pf, lambda s: s.output_token_ids).unique(return_counts=True)
+        if len(seen):
+            freq = per_row(pf, lambda p: p.frequency_penalty, seen)
+            pres = per_row(pf, lambda p: p.presence_penalty, seen)
+            flat.index_add_(0, seen, -(counts.to(logits.dtype) * freq + pres))
 
 
 # Tokens per block of draw_rows' two-level cumulative sum

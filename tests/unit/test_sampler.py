@@ -96,19 +96,29 @@ def _seq(prompt, output, **params) -> Sequence:
 
 
 def test_penalties_match_reference():
-    prompt, output = [1, 2, 3], [3, 4, 4, 5]
-    logits = torch.tensor([[0.5, -1.0, 2.0, -0.5, 1.5, 0.3, 0.0]])
-    rep, pres, freq = 1.3, 0.4, 0.25
-    seq = _seq(prompt, output, repetition_penalty=rep, presence_penalty=pres,
-               frequency_penalty=freq)
+    """Rows of one batch with their own penalties (applied to all rows at once): each row gets
+    exactly its own, a row without penalties is left alone, ids past the vocabulary (a
+    bigger tokenizer) are ignored."""
+    logits = torch.tensor([[0.5, -1.0, 2.0, -0.5, 1.5, 0.3, 0.0]] * 4)
+    cases = [  # prompt, output, repetition, presence, frequency
+        ([1, 2, 3], [3, 4, 4, 5], 1.3, 0.4, 0.25),
+        ([0, 0, 9], [6, 6, 6, 2], 0.8, 0.0, -0.5),
+        ([4], [], 1.0, 0.7, 0.0),
+        ([1, 2], [2, 2], 1.0, 0.0, 0.0),
+    ]
+    seqs = [_seq(p, o, repetition_penalty=r, presence_penalty=pr, frequency_penalty=f)
+            for p, o, r, pr, f in cases]
     got = logits.clone()
-    apply_penalties(got, [seq], [0])
-    want = logits[0].tolist()
-    for t in set(prompt + output):
-        want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
-    for t in set(output):
-        want[t] -= freq * output.count(t) + pres
-    torch.testing.assert_close(got[0], torch.tensor(want))
+    apply_penalties(got, seqs, [0, 1, 2])
+    for row, (prompt, output, rep, pres, freq) in enumerate(cases):
+        want = logits[row].tolist()
+        for t in set(prompt + output) - {9}:
+            if rep != 1.0:
+                want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
+        for t in set(output):
+            want[t] -= freq * output.count(t) + pres
+        torch.testing.assert_close(got[row], torch.tensor(want))
+    assert torch.equal(got[3], logits[3])
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():

@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"head": folder, "prompt": name, "answer_tokens": len(ids) - seqs[name][1],
                          "first_token": first_token_accuracy(head, item),
                          "mean_run": sum(runs) / max(1, len(runs)),
-                         "sampled": {t: sampled_acceptance(head, item[0], lm_head, t)
-                                     for t in temperatures}})
+                         "sampled": sampled_acceptance(head, item[0], lm_head, temperatures)})
     print(f"\n| head | prompt | answer tokens | first draft token right | mean run of {args.k} |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:

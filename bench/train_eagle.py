@@ -327,25 +327,27 @@ def first_token_accuracy(head: EagleHead, held: list[Item]) -> float:
 
 @torch.inference_mode()
 def sampled_acceptance(head: EagleHead, item: Item, lm_head: torch.Tensor,
-                       temperature: float) -> tuple[float, float, float]:
-    """Mean chance, over an answer's positions, that the first draft token is accepted at this
-    temperature: (one point mass, two sibling point masses, a draw from q_T)."""
+                       temperatures: list[float]) -> dict[float, tuple[float, float, float]]:
+    """Per temperature, the mean chance over an answer's positions that the first draft token is
+    accepted: (one point mass, two sibling point masses, a draw from q_T)."""
     ids, h, start = item
     g, _, _ = head.layer(ids[None], _shift(head.project(h.float()[None])),
                          torch.arange(len(ids)))
     hl = head.logits(g[0])[start:]  # [n, draft vocabulary]
     tl = F.linear(_final(h.float(), head.cfg.hidden_size), lm_head.float())[start:]
-    if temperature == 0:
-        p = F.one_hot(tl.argmax(-1), tl.shape[-1]).float()
-        q = F.one_hot(hl.argmax(-1), hl.shape[-1]).float()
-    else:
-        p, q = (tl / temperature).softmax(-1), (hl / temperature).softmax(-1)
-    pv = p[:, torch.tensor(head.cfg.vocab)]  # p over the head's vocabulary
+    vocab = torch.tensor(head.cfg.vocab)
     top = hl.topk(2, -1).indices
-    one = pv.gather(1, top[:, :1]).sum(1)
-    two = pv.gather(1, top).sum(1)
-    drawn = torch.minimum(pv, q).sum(1)
-    return float(one.mean()), float(two.mean()), float(drawn.mean())
+    out = {}
+    for t in temperatures:
+        if t == 0:
+            p = F.one_hot(tl.argmax(-1), tl.shape[-1]).float()
+            q = F.one_hot(hl.argmax(-1), hl.shape[-1]).float()
+        else:
+            p, q = (tl / t).softmax(-1), (hl / t).softmax(-1)
+        pv = p[:, vocab]  # p over the head's vocabulary
+        out[t] = (float(pv.gather(1, top[:, :1]).mean()), float(pv.gather(1, top).sum(1).mean()),
+                  float(torch.minimum(pv, q).sum(1).mean()))
+    return out
 
 
 @torch.inference_mode()

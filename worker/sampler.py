@@ -1,8 +1,9 @@
 """Batched sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, per-request seeds.
 
 Work is only done for the rows that need it: a batch of greedy requests is one argmax, and the
-top-k/top-p filter (a partial sort) runs only for rows that ask for it. Seeded requests draw their random numbers
-from their own generator, so their tokens do not depend on what else is in the batch.
+top-k/top-p filter (a partial sort) runs only for rows that ask for it. Seeded requests draw
+their random numbers from their own generator, so their tokens do not depend on what else is
+in the batch.
 """
 
 from __future__ import annotations

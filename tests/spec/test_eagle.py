@@ -144,10 +144,11 @@ def test_offline_sampled_acceptance_at_temperature_zero_is_the_first_token_accur
     lm_head = torch.randn(256, 64)
     head.attach_target(torch.randn(256, 64), lm_head)
     item = (torch.randint(0, 256, (40,)), torch.randn(40, 64), 5)
-    one, two, drawn = sampled_acceptance(head, item, lm_head, 0.0)
+    chances = sampled_acceptance(head, item, lm_head, [0.0, 0.5, 1.0])
+    one, two, drawn = chances[0.0]
     assert one == pytest.approx(first_token_accuracy(head, [item])) and drawn == one
     for t in (0.5, 1.0):
-        one, two, drawn = sampled_acceptance(head, item, lm_head, t)
+        one, two, drawn = chances[t]
         assert 0 < one <= two <= 1 and 0 < drawn <= 1
 
 

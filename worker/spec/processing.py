@@ -72,9 +72,6 @@ class RowProbabilities:
         self.params = params
         self._rows: dict[int, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
     def __getitem__(self, r: int) -> torch.Tensor:
         row = self._rows.get(r)
         if row is None:

@@ -99,7 +99,7 @@ def walk_sampled(probs: torch.Tensor | RowProbabilities, tokens: list[int], pare
     node, path, emitted = -1, [], []
     while True:
         row = probs[node + 1]
-        total = float(row.sum())
+        total = whole = float(row.sum())
         rejected: dict[int, float] = {}  # token -> its weight, taken out of r
         nxt = None
         for c in children.get(node, ()):
@@ -113,7 +113,7 @@ def walk_sampled(probs: torch.Tensor | RowProbabilities, tokens: list[int], pare
             total -= px
         if nxt is None:
             residual = row
-            if rejected and total > 1e-6 * float(row.sum()):
+            if rejected and total > 1e-6 * whole:
                 residual = row.clone()
                 residual[list(rejected)] = 0.0
             # else the children held all of p up to rounding: their rejection had p ~ 0

@@ -23,6 +23,7 @@ import torch
 from kernels.argmax import argmax_rows
 from worker.sampler import draw
 from worker.spec.processing import RowProbabilities
+from worker.spec.tree import walk_sampled
 
 
 def verify_greedy(target_logits: torch.Tensor, proposal: list[int]) -> list[int]:
@@ -38,19 +39,16 @@ def verify_sampled(p: torch.Tensor | RowProbabilities, q: torch.Tensor | None,
                    proposal: list[int], generator: torch.Generator | None) -> list[int]:
     """Emitted tokens by rejection sampling. p: [m+1, V] target probabilities (rows are read
     down to the first rejection only); q: [m, V] draft probabilities, or None for point masses
-    at the proposal."""
+    at the proposal (a chain walked as the one-child tree it is: worker/spec/tree.py)."""
     m = len(proposal)
+    if q is None:
+        return walk_sampled(p, proposal, list(range(-1, m - 1)), generator)[0]
     u = torch.rand(m, generator=generator, dtype=torch.float64).tolist() if m else []
     for j, x in enumerate(proposal):
-        px = float(p[j][x])
-        qx = float(q[j, x]) if q is not None else 1.0
-        if qx > 0 and u[j] * qx < px:  # u < p/q, i.e. probability min(1, p/q)
+        qx = float(q[j, x])
+        if qx > 0 and u[j] * qx < float(p[j][x]):  # u < p/q, i.e. probability min(1, p/q)
             continue
-        if q is not None:
-            residual = (p[j] - q[j]).clamp_min(0)
-        else:
-            residual = p[j].clone()
-            residual[x] = 0
+        residual = (p[j] - q[j]).clamp_min(0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection had p ~ 0
             residual = p[j]
         return [*proposal[:j], draw(residual, generator)]

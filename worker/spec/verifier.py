@@ -12,8 +12,9 @@ from which x_1..x_m were drawn:
   if all m are accepted emit a bonus draw from p_m.
 Each emitted token is then distributed exactly as p_j: P(x) = min(q(x), p(x)) + (1 - sum_y
 min(q(y), p(y))) * max(0, p(x) - q(x)) / sum_y max(0, p(y) - q(y)) = p(x). A proposer without
-a distribution (n-gram) is a point mass q = delta_x: accept with probability p(x), on
-rejection draw from p with x removed.
+a distribution (n-gram, EAGLE) is a point mass q = delta_x: accept with probability p(x), on
+rejection draw from p with x removed; such a chain is walked as a tree with one child per node
+(worker/spec/tree.py: walk_sampled).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ prompts are outside the heads' training data, so this is the number that predict
 benchmark's speed-up; a head's held-out score in its eagle.json is measured in distribution.
 Several heads are compared on the same answers in one run.
 
+A calibration table follows: how often the head's three likeliest first draft tokens are right,
+by the probability it gives them. The proposer verifies tree nodes down to
+`eagle_tree_keep_prob` on the strength of this (docs/speculative.md).
+
 `--temperatures 0.7,1` adds, per temperature T, the chance that the first draft token is
 accepted when the request samples at T, for three ways to draft it: one point mass (the head's
 top token x1: p_T(x1)), two sibling point masses as a width-2 tree walks them (p_T(x1) +
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 from bench.speculative import PROMPTS, austen_prompt
 from bench.train_eagle import (
+    calibration,
     chain_acceptance,
     first_token_accuracy,
     sampled_acceptance,
@@ -51,6 +57,25 @@ def answers(model, tok, max_tokens: int) -> dict[str, tuple[list[int], int]]:
                              eos_token_id=tok.eos_token_ids if chat else None)
         out[name] = (gen[0].tolist(), len(ids))
     return out
+
+
+CALIBRATION_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def print_calibration(rows: list[dict], heads: list[str]) -> None:
+    """How often the head's top-3 first draft tokens are right, by the probability the head
+    gives them (all prompts but the copy task): the price of a tree node."""
+    edges = CALIBRATION_EDGES
+    print("\n| head | head's probability | tokens | right | right / tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    for folder in heads:
+        pairs = [pair for r in rows if r["head"] == folder and r["prompt"] != "repetitive"
+                 for pair in r["calibration"]]
+        for lo, hi in pairwise(edges):
+            inside = [hit for q, hit in pairs if lo <= q < hi or (hi == edges[-1] and q == hi)]
+            if inside:
+                print(f"| {Path(folder).name} | {lo:.2f}-{hi:.2f} | {len(inside)} | "
+                      f"{sum(inside)} | {sum(inside) / len(inside):.2f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"head": folder, "prompt": name, "answer_tokens": len(ids) - seqs[name][1],
                          "first_token": first_token_accuracy(head, item),
                          "mean_run": sum(runs) / max(1, len(runs)),
-                         "sampled": sampled_acceptance(head, item[0], lm_head, temperatures)})
+                         "sampled": sampled_acceptance(head, item[0], lm_head, temperatures),
+                         "calibration": calibration(head, item[0])})
     print(f"\n| head | prompt | answer tokens | first draft token right | mean run of {args.k} |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {Path(folder).name} | {t:g} | {mean[0]:.3f} | {mean[1]:.3f} | "
                       f"{mean[2]:.3f} |")
         print("(means over all prompts but the copy task)")
+    print_calibration(rows, args.heads.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -351,6 +351,21 @@ def sampled_acceptance(head: EagleHead, item: Item, lm_head: torch.Tensor,
 
 
 @torch.inference_mode()
+def calibration(head: EagleHead, item: Item, ranks: int = 3) -> list[tuple[float, bool]]:
+    """(the head's probability, whether it is the token the answer has next) for each of the
+    head's `ranks` likeliest first draft tokens at every answer position: a calibrated head's
+    tokens of probability p are right about p of the time, which is what lets the proposer
+    price a tree's nodes by their probability."""
+    ids, h, start = item
+    g, _, _ = head.layer(ids[None], _shift(head.project(h.float()[None])),
+                         torch.arange(len(ids)))
+    top = head.logits(g[0, start:len(ids) - 1]).softmax(-1).topk(ranks, -1)
+    tokens = torch.tensor(head.cfg.vocab)[top.indices]
+    hits = tokens == ids[start + 1:, None]
+    return list(zip(top.values.flatten().tolist(), hits.flatten().tolist(), strict=True))
+
+
+@torch.inference_mode()
 def chain_acceptance(head: EagleHead, data: list[Item], k: int) -> list[int]:
     """For each held-out answer position n (after the first answer token, where drafting
     starts at run time): how many draft tokens in a row (up to k)

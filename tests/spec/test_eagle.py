@@ -4,7 +4,9 @@ target's true features at the right positions, and outputs stay exactly greedy."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -24,6 +26,7 @@ from worker.spec.eagle_head import (
     save_eagle_head,
     shipped_head,
 )
+from worker.spec.eagle_proposer import EagleProposer
 
 PROMPTS = [
     [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7],
@@ -152,6 +155,31 @@ def test_offline_sampled_acceptance_at_temperature_zero_is_the_first_token_accur
         assert 0 < one <= two <= 1 and 0 < drawn <= 1
 
 
+def test_offline_calibration_pairs_each_draft_token_with_the_answers_next_token(model):
+    """bench.eval_eagle's calibration: per answer position, the head's three likeliest first
+    draft tokens, best first, with their probabilities, right exactly where the answer has that
+    token next. The answer here takes the head's rank-(n % 4) token at position n (rank 3: a
+    token the head does not rank)."""
+    from bench.train_eagle import _shift, calibration
+
+    torch.manual_seed(4)
+    head = EagleHead(head_config(model)).eval()
+    head.attach_target(torch.randn(256, 64), torch.randn(256, 64))
+    h, start, n = torch.randn(30, 64), 5, 30
+    ids = torch.randint(0, 256, (n,))
+    with torch.inference_mode():
+        for pos in range(start, n - 1):
+            g, _, _ = head.layer(ids[None], _shift(h[None]), torch.arange(n))
+            order = head.logits(g[0, pos]).argsort(descending=True)
+            ids[pos + 1] = head.cfg.vocab[int(order[pos % 4])]
+    pairs = calibration(head, (ids, h, start))
+    assert len(pairs) == 3 * (n - 1 - start)
+    for j, pos in enumerate(range(start, n - 1)):
+        mine = pairs[3 * j:3 * j + 3]
+        assert [hit for _, hit in mine] == [pos % 4 == r for r in range(3)]
+        assert 1 >= mine[0][0] >= mine[1][0] >= mine[2][0] > 0
+
+
 def test_a_context_pass_trains_what_the_second_draft_token_computes(model):
     """Training's second pass with `context` (--true-context): row i attends to the first
     pass's rows before i and to itself, which is what a second draft token computes at run
@@ -177,7 +205,8 @@ def test_a_context_pass_trains_what_the_second_draft_token_computes(model):
                                              ("random", 2), ("layers", 2)])
 def test_eagle_is_exact(model, heads, baseline, kind, width):
     eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0, eagle_min_confidence=0.0,
-                                   eagle_tree_width=width, eagle_tree_min_prob=0.0))
+                                   eagle_tree_width=width, eagle_tree_min_prob=0.0,
+                                   eagle_tree_keep_prob=0.0))
     paths = []
     accept = eng.spec.proposer.on_tree_accept
     eng.spec.proposer.on_tree_accept = lambda seq, path: (paths.append(path), accept(seq, path))
@@ -231,7 +260,7 @@ def test_head_sees_the_targets_features_at_the_right_positions(model, heads, bac
     the streams of its layers beside them."""
     eng = make_engine(model, eagle(heads[kind], min_acceptance=0.0,
                                    eagle_min_confidence=0.0, eagle_tree_width=width,
-                                   eagle_tree_min_prob=0.0))
+                                   eagle_tree_min_prob=0.0, eagle_tree_keep_prob=0.0))
     proposer = eng.spec.proposer
     fused = isinstance(proposer.layer, FusedEagleLayer)
     assert fused == FusedEagleLayer.supported(proposer.head)
@@ -374,7 +403,7 @@ def test_sampled_requests_verify_eagle_proposals(model, heads, width):
 
     eng = make_engine(model, eagle(heads["identity"], min_acceptance=0.0,
                                    eagle_min_confidence=0.0, eagle_tree_width=width,
-                                   eagle_tree_min_prob=0.0))
+                                   eagle_tree_min_prob=0.0, eagle_tree_keep_prob=0.0))
     walked: list[list[int]] = []
     on_tree_accept = eng.spec.proposer.on_tree_accept
     eng.spec.proposer.on_tree_accept = lambda s, path: (walked.append(path),
@@ -425,14 +454,13 @@ def test_tree_nodes_read_their_own_branch_only(model, heads, backend):
     """Each node of a drafted tree is among the head's likeliest tokens after its own branch,
     replayed alone as a chain: the head's attention over its scratch rows is masked to the
     node's ancestors (siblings and cousins drafted in the same calls are invisible)."""
-    from types import SimpleNamespace
 
     from worker.spec.eagle_head import top_tokens
     from worker.spec.eagle_proposer import Guess, _EagleState, _Tree
 
     width = 3
     eng = make_engine(model, eagle(heads["random"], eagle_tree_width=width,
-                                   eagle_tree_min_prob=0.0))
+                                   eagle_tree_min_prob=0.0, eagle_tree_keep_prob=0.0))
     prop = eng.spec.proposer
     if backend == "torch":
         prop.layer = TorchEagleLayer(prop.head)
@@ -483,7 +511,8 @@ def test_a_batch_drafts_what_each_sequence_drafts_alone(model, heads, width):
     for mode in ("batched", "alone"):
         # no confidence floor, so that drafts run deep
         eng = make_engine(model, eagle(heads["identity"], eagle_tree_width=width,
-                                       eagle_min_confidence=0.0, eagle_tree_min_prob=0.0))
+                                       eagle_min_confidence=0.0, eagle_tree_min_prob=0.0,
+                                       eagle_tree_keep_prob=0.0))
         prop = eng.spec.proposer
         batched = prop.propose
 
@@ -510,8 +539,6 @@ def test_past_batch_one_a_catch_up_runs_the_recent_positions_only(model, heads):
     """A batch's catch-up costs about one head call: a sequence's first runs its whole prompt,
     later ones the last CATCH_UP_ROWS // batch positions (the rest stay missing from the
     head's cache); a sequence drafting alone catches up on everything."""
-    from types import SimpleNamespace
-
     from worker.spec.eagle_proposer import CATCH_UP_ROWS
 
     prop = make_engine(model, eagle(heads["identity"])).spec.proposer
@@ -536,3 +563,61 @@ def test_past_batch_one_a_catch_up_runs_the_recent_positions_only(model, heads):
     states = [prop._states[s.request_id] for s in seqs]
     assert [st.rows for st in states] == [10 + CATCH_UP_ROWS // 2] * 2 + [40]
     assert all(st.done == 40 and st.last is not None for st in states)
+
+
+class _ScriptedLayer:
+    """A drafting layer whose every scored row reads the same two next tokens, draft ids 1 and
+    2, with probabilities 0.5 and 0.06: a tree's node probabilities are then known."""
+
+    max_position = 1 << 10
+
+    def __init__(self, d: int) -> None:
+        self.d, self.calls = d, 0
+
+    def new_cache(self) -> list[int]:
+        return []
+
+    def reserve(self, cache: list[int], rows: int) -> bool:
+        return True
+
+    def draft_batch(self, requests):
+        self.calls += 1
+        top = [1, 2], [math.log(0.5), math.log(0.06)]
+        return [(torch.zeros(len(r.tokens), self.d), [top[0]] * r.scored,
+                 [top[1]] * r.scored) for r in requests]
+
+
+@pytest.mark.parametrize(("keep", "want"), [
+    (0.1, [0.6, 0.3, 0.15]),
+    (0.03, [0.6, 0.3, 0.15, 0.075, 0.05, 0.036]),
+    (0.0, [0.6, 0.3, 0.15, 0.075, 0.05, 0.036, 0.025, 0.018]),
+])
+def test_a_tree_verifies_the_grown_nodes_down_to_the_keep_probability(model, keep, want):
+    """Growth stops where the likeliest leaf falls under tree_min_prob (0.1); of the nodes
+    grown, those of at least tree_keep_prob are verified, the k
+    likeliest of them. Keeping more nodes must not cost another head call."""
+    from worker.spec.eagle_proposer import Guess, _Tree
+
+    head = EagleHead(head_config(model))
+    layer = _ScriptedLayer(head.cfg.hidden_size)
+    prop = EagleProposer(head, layer=layer, tree_width=2, tree_min_prob=0.1,
+                         tree_keep_prob=keep)
+    seq = SimpleNamespace(request_id="s", num_tokens=5, token_ids=[3, 4, 5, 6, 7])
+    root = Guess(torch.zeros(head.cfg.hidden_size), [1, 2], [math.log(0.6), math.log(0.05)])
+    tree = _Tree(prop, seq, prop._state(seq), root, k=8)
+    prop._run([tree])
+    # depths: 0.6 0.05 | 0.3 0.036 (under 0.6), 0.025 0.003 | 0.15 0.018 (under 0.3),
+    # 0.018 0.00216 | 0.075 0.009 (under 0.15), 0.009 0.00108; 0.075 < 0.1 ends growth
+    assert layer.calls == 3
+    proposal = tree.proposal()
+    probs = [math.exp(tree.nodes[i].logp) for i in sorted(
+        range(len(tree.nodes)), key=lambda i: (-tree.nodes[i].logp, i))][:len(want)]
+    assert probs == pytest.approx(want, rel=1e-6)
+    assert len(proposal.token_ids) == len(want)
+    # parents come before their children, and every kept node's parent is kept
+    assert all(-1 <= p < i for i, p in enumerate(proposal.parents))
+    depth = [0] * len(want)
+    for i, p in enumerate(proposal.parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    assert sorted(depth) == sorted({0.6: 1, 0.05: 1, 0.3: 2, 0.036: 2, 0.025: 2, 0.15: 3,
+                                    0.018: 3, 0.075: 4}[w] for w in want)

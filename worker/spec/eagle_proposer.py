@@ -19,10 +19,11 @@ costs about as much for one row as for eight).
 With `tree_width` > 1 the draft is a token tree, as in EAGLE-2 (Li et al.
 2024b): at each depth the `tree_width` most likely nodes so far (by the product of the head's
 probabilities along their branch) are expanded in one call of the head, each into its
-`tree_width` most likely next tokens; the proposal is the k most likely nodes of all, leaving
-out those less likely than `tree_min_prob`. The head's attention over its scratch rows is
-masked to each node's own ancestors, as the target's is when it verifies the tree
-(worker/spec/tree.py).
+`tree_width` most likely next tokens. Growth stops where no leaf reaches `tree_min_prob`
+(each depth costs a head call); the proposal is the k most likely nodes grown, leaving out
+those less likely than `tree_keep_prob` (a node costs only a verify row). The head's attention
+over its scratch rows is masked to each node's own ancestors, as the target's is when it
+verifies the tree (worker/spec/tree.py).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class EagleProposer(Proposer):
                  max_batch_size: int = 8, max_pending: int = 4096,
                  ngram: NgramProposer | None = None, ngram_min_tokens: int = 3,
                  layer: DraftLayer | None = None, tree_width: int = 1,
-                 tree_min_prob: float = 0.1) -> None:
+                 tree_min_prob: float = 0.1, tree_keep_prob: float = 0.03) -> None:
         self.head = head.eval()
         self.feature_layers = head.cfg.feature_layers
         # the fused C layer over its own KV pool where it runs, else torch ops
@@ -109,6 +110,7 @@ class EagleProposer(Proposer):
         self.max_pending = max_pending
         self.tree_width = tree_width
         self.tree_min_prob = tree_min_prob
+        self.tree_keep_prob = tree_keep_prob
         p = next(iter(head.parameters()))
         self._dtype, self._device = p.dtype, p.device
         # on the head's device, as are the positions and tokens it is given (CUDA included)
@@ -371,11 +373,13 @@ class _Tree:
         return new
 
     def proposal(self) -> Proposal:
-        # The k likeliest tokens, but none the head gives less than tree_min_prob: a verify row
-        # costs ~2.5% of a decode here, so an unlikely token costs more than it brings.
+        # The k likeliest tokens grown, but none the head gives less than tree_keep_prob: a
+        # verify row costs ~1.5% of a decode here, and a node of probability p is accepted
+        # about p of the time (the head is calibrated), so a rarer one costs more than it
+        # brings.
         nodes = self.nodes
         ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[:self.k]
-        floor = math.log(self.p.tree_min_prob) if self.p.tree_min_prob > 0 else -math.inf
+        floor = math.log(self.p.tree_keep_prob) if self.p.tree_keep_prob > 0 else -math.inf
         keep = sorted(ranked[:1] + [i for i in ranked[1:] if nodes[i].logp >= floor])
         index = {old: new for new, old in enumerate(keep)}
         return Proposal([nodes[i].token for i in keep],

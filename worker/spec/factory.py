@@ -65,7 +65,8 @@ def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
                          max_batch_size=config.max_batch_size, ngram=ngram,
                          ngram_min_tokens=config.eagle_ngram_min_tokens, layer=layer,
                          tree_width=config.eagle_tree_width,
-                         tree_min_prob=config.eagle_tree_min_prob)
+                         tree_min_prob=config.eagle_tree_min_prob,
+                         tree_keep_prob=config.eagle_tree_keep_prob)
 
 
 def build_proposer(config: SpeculativeConfig, engine: Any,

@@ -31,11 +31,13 @@ def store_kv_reference(
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = load()
-    if lib is None or lib.kv_store_abi() != 1:
+    if lib is None or lib.kv_store_abi() != 2:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.store_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.store_kv.restype = None
+    lib.move_rows.argtypes = [ptr, i64, ptr, ptr, i64, i64]
+    lib.move_rows.restype = ctypes.c_int
     return lib
 
 
@@ -72,3 +74,37 @@ def store_kv(
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
     elif key.device.type != "cpu" or not _store_kv_c(key, value, k_cache, v_cache, slot_mapping):
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+class RowMover:
+    """Copies slot rows src[i] -> dst[i] in a fixed set of same-shaped caches ([num_blocks,
+    block_size, ...] each, e.g. every layer's K and V), reading all rows before writing any.
+    On CPU one C call does every cache; elsewhere two torch index ops per cache."""
+
+    def __init__(self, caches: list[torch.Tensor]) -> None:
+        self.caches = caches
+        lib = _library()
+        first = caches[0]
+        self._c = (lib is not None and all(
+            c.device.type == "cpu" and c.is_contiguous() and c.shape == first.shape
+            and c.dtype == first.dtype for c in caches))
+        if self._c:
+            self._ptrs = (ctypes.c_void_p * len(caches))(*(c.data_ptr() for c in caches))
+            self._row_bytes = first[0, 0].numel() * first.element_size()
+
+    def __call__(self, src: list[int], dst: list[int]) -> None:
+        if not src:
+            return
+        if self._c:
+            n = len(src)
+            rc = _library().move_rows(self._ptrs, len(self.caches), (ctypes.c_int64 * n)(*src),
+                                      (ctypes.c_int64 * n)(*dst), n, self._row_bytes)
+            if rc != 0:
+                raise MemoryError(f"moving {n} KV rows: no memory for a {n}-row buffer")
+            return
+        device = self.caches[0].device
+        s = torch.tensor(src, dtype=torch.int64, device=device)
+        d = torch.tensor(dst, dtype=torch.int64, device=device)
+        for cache in self.caches:
+            flat = cache.view(-1, *cache.shape[2:])
+            flat.index_copy_(0, d, flat.index_select(0, s))

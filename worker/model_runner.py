@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.kv_store import RowMover
 from kernels.paged_attention import AttentionMetadata
 from protos.messages import StepPlan
 from worker.config import ConfigError, EngineConfig, ModelConfig
@@ -96,6 +97,7 @@ class ModelRunner:
         layer0 = self.attn_layers[0]
         self.num_kv_heads = layer0.num_kv_heads
         self.head_dim = layer0.head_dim
+        self._mover: RowMover | None = None  # move_kv over the current caches
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
 
@@ -226,14 +228,10 @@ class ModelRunner:
         """Copies the K/V rows of cache slots `src` to slots `dst` in every layer: the accepted
         branch of a verified token tree moves to where a chain would have put it. All rows are
         read before any is written, so the two lists may overlap."""
-        if not src:
-            return
-        s = torch.tensor(src, dtype=torch.int64, device=self.device)
-        d = torch.tensor(dst, dtype=torch.int64, device=self.device)
-        for layer in self.attn_layers:
-            for cache in (layer.k_cache, layer.v_cache):
-                flat = cache.view(-1, *cache.shape[2:])
-                flat.index_copy_(0, d, flat.index_select(0, s))
+        caches = [c for layer in self.attn_layers for c in (layer.k_cache, layer.v_cache)]
+        if self._mover is None or self._mover.caches[0] is not caches[0]:
+            self._mover = RowMover(caches)  # the cache was (re)allocated
+        self._mover(src, dst)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:

@@ -68,3 +68,41 @@ def test_cpu_kernel_is_bit_exact(dtype: torch.dtype, num_kv_heads: int, head_dim
     store_kv_reference(key, value, k_ref, v_ref, slots)
     assert _store_kv_c(key, value, k_cache, v_cache, slots), "the C kernel did not run"
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(4, torch.bfloat16), (40, torch.float32)])
+def test_row_mover_moves_every_cache_reading_before_writing(n: int, dtype: torch.dtype) -> None:
+    """RowMover (the accepted branch of a token tree moving to a chain's slots, in every
+    layer's K and V caches): overlapping source and destination lists move as if all rows
+    were read first, in every cache, and nothing else changes. 40 fp32 rows of 3 x 64 (30 KB)
+    take the C kernel's heap buffer; the torch path must agree."""
+    from kernels.kv_store import RowMover
+
+    gen = torch.Generator().manual_seed(n)
+    caches = [torch.randn(8, 16, 3, 64, generator=gen).to(dtype) for _ in range(5)]
+    perm = torch.randperm(128, generator=gen)
+    src = perm[:n].tolist()
+    dst = [*src[1:], int(perm[n])]  # dst overlaps src: each row takes the next one's slot
+    want = [c.clone() for c in caches]
+    for c in want:
+        flat = c.view(-1, 3, 64)
+        flat[dst] = flat[src].clone()
+    mover = RowMover(caches)
+    assert mover._c == (_library_loaded())
+    mover(src, dst)
+    for got, ref in zip(caches, want, strict=True):
+        assert torch.equal(got, ref)
+    torch_caches = [c.clone() for c in want]
+    torch_mover = RowMover(torch_caches)
+    torch_mover._c = False
+    torch_mover(dst, src)  # and back, through torch ops
+    for got, ref in zip(torch_caches, want, strict=True):
+        flat = ref.view(-1, 3, 64)
+        flat[src] = flat[dst].clone()
+        assert torch.equal(got, ref)
+
+
+def _library_loaded() -> bool:
+    from kernels.kv_store import _library
+
+    return _library() is not None

@@ -271,11 +271,12 @@ class SpecDecoder:
                 sampler: Sampler) -> tuple[list[int], list[SampledLogprobs | None]]:
         seq, drafts = row.seq, row.proposal.token_ids
         m = len(drafts)
-        # fp32, and a copy: penalties edit it in place (one pass, where .float().clone() took two)
-        block = logits[row.first:row.first + m + 1].to(torch.float32, copy=True)
-        raw = block.clone() if seq.params.logprobs is not None else None
         params, parents = seq.params, row.proposal.parents
-        if params.has_penalties or params.min_tokens:
+        edit = bool(params.has_penalties or params.min_tokens)
+        # fp32; a copy only where penalties edit it in place (a 9-row block is 1.8 MB)
+        block = logits[row.first:row.first + m + 1].to(torch.float32, copy=edit)
+        raw = (block.clone() if edit else block) if params.logprobs is not None else None
+        if edit:
             histories = (history_rows(seq.token_ids, drafts, m + 1) if parents is None else
                          [seq.token_ids + branch(drafts, parents, node) for node in range(-1, m)])
             ctxs = [RowContext(params, h, seq.num_prompt_tokens) for h in histories]

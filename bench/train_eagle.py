@@ -226,16 +226,23 @@ def _final(feats: torch.Tensor, hidden: int) -> torch.Tensor:
     return feats[..., -hidden:]
 
 
+def _predictions(data: list[Item], lm_head: torch.Tensor) -> Counter[int]:
+    """How often the target predicts each token here."""
+    counts: Counter[int] = Counter()
+    for _, h, _ in data:
+        counts.update(F.linear(_final(h, lm_head.shape[1]), lm_head).argmax(-1).tolist())
+    return counts
+
+
 def choose_vocab(data: list[Item], lm_head: torch.Tensor,
                  size: int) -> tuple[list[int], float]:
     """The `size` tokens the target predicts most often here, most frequent first, and how
     many of its predictions they cover."""
-    counts: Counter[int] = Counter()
-    for _, h, _ in data:
-        counts.update(F.linear(_final(h, lm_head.shape[1]), lm_head).argmax(-1).tolist())
+    counts = _predictions(data, lm_head)
     vocab = [t for t, _ in counts.most_common(size)]
     covered = sum(counts[t] for t in vocab) / max(1, sum(counts.values()))
     return vocab, covered
+
 
 
 def _shift(feat: torch.Tensor) -> torch.Tensor:
@@ -423,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--austen-tokens", type=int, default=60000)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=None,
+                   help="draft vocabulary: the target's most often predicted tokens (default "
+                        "8192; with --resume, the head's own, which a larger value grows)")
     p.add_argument("--feature-layers", default="",
                    help="comma-separated target layers whose input streams the head reads "
                         "besides the final feature (EAGLE-3), e.g. 2,15,27; empty: EAGLE-1")
@@ -444,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the target's features in this file (~1.2 KB per token per "
                         "feature layer, plus one)")
     p.add_argument("--resume", default=None,
-                   help="continue training the head in this folder (its vocabulary too)")
+                   help="continue training the head in this folder (with its vocabulary, "
+                        "grown to --vocab if that is larger)")
     args = p.parse_args(argv)
     try:
         layers = tuple(int(x) for x in args.feature_layers.split(",") if x.strip())
@@ -499,21 +509,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         # A head trained on the final feature alone can grow feature layers: they start unused
         # (EagleHead's feature_proj), so training begins from what it drafts already. It keeps
-        # its vocabulary.
+        # its vocabulary, or grows it to a larger --vocab.
         previous = json.loads((Path(args.resume) / CONFIG_FILE).read_text())
         old = msgspec.convert(previous["config"], EagleHeadConfig)
         if old.feature_layers and old.feature_layers != layers:
             p.error(f"--resume {args.resume} reads layers {old.feature_layers}; "
                     f"give --feature-layers {','.join(map(str, old.feature_layers))}")
-        head = EagleHead(msgspec.structs.replace(old, feature_layers=layers))
+        vocab = list(old.vocab)
+        covered = previous.get("vocab_coverage", 0.0)
+        if args.vocab is not None and args.vocab > len(vocab):
+            # The head's logits are the target's LM head rows of its vocabulary, so new tokens
+            # need no new weights: the trained layer is kept and learns to point at them too.
+            counts = _predictions(data, lm_head)
+            have = set(vocab)
+            vocab += [t for t, _ in counts.most_common() if t not in have][:args.vocab - len(vocab)]
+            covered = sum(counts[t] for t in vocab) / max(1, sum(counts.values()))
+            print(f"head vocabulary grown from {len(old.vocab)} to {len(vocab)} tokens, "
+                  f"covering {covered:.3f} of the target's predictions")
+        head = EagleHead(msgspec.structs.replace(old, feature_layers=layers, vocab=tuple(vocab)))
         weights = {k: v.float() for k, v in load_file(str(Path(args.resume) / WEIGHTS_FILE)).items()}
         missing, unexpected = head.load_state_dict(weights, strict=False)
         if unexpected or any(not k.startswith(("feature_proj", "stream_norm")) for k in missing):
             raise SystemExit(f"--resume {args.resume}: not a head of this shape "
                              f"(missing {missing}, unexpected {unexpected})")
-        covered = previous.get("vocab_coverage", 0.0)
     else:
-        vocab, covered = choose_vocab(data, lm_head, args.vocab)
+        vocab, covered = choose_vocab(data, lm_head, args.vocab or 8192)
         print(f"head vocabulary {len(vocab)} covers {covered:.3f} of the target's predictions")
         tcfg = model.config
         head = EagleHead(EagleHeadConfig(

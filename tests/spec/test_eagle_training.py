@@ -60,6 +60,25 @@ def test_train_then_grow_feature_layers(target, chats, tmp_path):
     assert eng.spec.metrics.proposed_tokens > 0
 
 
+def test_a_resumed_head_grows_its_vocabulary(target, chats, tmp_path):
+    """--resume with a larger --vocab keeps the head's tokens first, in order, and adds the
+    target's most often predicted others; the engine drafts with the grown head exactly."""
+    first, grown = tmp_path / "first", tmp_path / "grown"
+    assert train_eagle(_args(target, chats, first)) == 0
+    args = _args(target, chats, grown, "--resume", str(first))
+    args[args.index("--vocab") + 1] = "96"
+    assert train_eagle(args) == 0
+    old = json.loads((first / "eagle.json").read_text())["config"]["vocab"]
+    record = json.loads((grown / "eagle.json").read_text())
+    new = record["config"]["vocab"]
+    assert new[:64] == old and 64 < len(new) <= 96 and len(set(new)) == len(new)
+    assert record["vocab_coverage"] > json.loads((first / "eagle.json").read_text())[
+        "vocab_coverage"]
+    eng = make_engine(target, eagle(grown, min_acceptance=0.0, eagle_min_confidence=0.0))
+    assert run(eng) == run(make_engine(target, None))
+    assert eng.spec.metrics.proposed_tokens > 0
+
+
 def test_feature_layers_are_checked(target, chats, tmp_path):
     with pytest.raises(SystemExit):  # the target has layers 0 and 1; 0 is the embedding
         train_eagle(_args(target, chats, tmp_path / "x", "--feature-layers", "2"))

@@ -559,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     record = {"target": target_dir.name,
               "command": " ".join(["python -m bench.train_eagle", *(argv or sys.argv[1:])]),
+              # the commands that made the head this one resumed, oldest first
+              "history": [*previous.get("history", []), previous["command"]] if previous else [],
               "chats": len(chats) - args.held_out, "austen_tokens": sum(map(len, prose)),
               "vocab_coverage": round(covered, 4), "train": log,
               "train_seconds_total": log["seconds"] + previous.get(

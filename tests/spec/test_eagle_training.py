@@ -49,6 +49,7 @@ def test_train_then_grow_feature_layers(target, chats, tmp_path):
                              "--feature-layers", "1")) == 0
     record = json.loads((grown / "eagle.json").read_text())
     assert record["config"]["feature_layers"] == [1]
+    assert record["history"] == [json.loads((first / "eagle.json").read_text())["command"]]
     assert record["config"]["vocab"] == json.loads((first / "eagle.json").read_text())[
         "config"]["vocab"]  # a resumed head keeps its vocabulary
     assert load_file(str(grown / "eagle.safetensors"))["feature_proj.weight"].shape == (64, 128)

@@ -88,6 +88,7 @@ class RowMover:
         self._c = (lib is not None and all(
             c.device.type == "cpu" and c.is_contiguous() and c.shape == first.shape
             and c.dtype == first.dtype for c in caches))
+        self._rows = first.shape[0] * first.shape[1]
         if self._c:
             self._ptrs = (ctypes.c_void_p * len(caches))(*(c.data_ptr() for c in caches))
             self._row_bytes = first[0, 0].numel() * first.element_size()
@@ -95,6 +96,9 @@ class RowMover:
     def __call__(self, src: list[int], dst: list[int]) -> None:
         if not src:
             return
+        if len(src) != len(dst) or not all(0 <= r < self._rows for r in (*src, *dst)):
+            raise ValueError(f"moving KV rows {src} to {dst}: need as many of each, in "
+                             f"[0, {self._rows})")
         if self._c:
             n = len(src)
             rc = _library().move_rows(self._ptrs, len(self.caches), (ctypes.c_int64 * n)(*src),

@@ -22,7 +22,7 @@ void store_kv(const void *key, int64_t key_stride, const void *value, int64_t va
 /* Copy rows src[i] -> dst[i] (row indices, row_bytes each) in every one of num_caches caches:
  * the accepted branch of a verified token tree moving to the slots a chain would use, in all
  * layers' K and V caches at once (60 index ops from Python cost ~1 ms). All of a cache's rows
- * are read before any is written, since the lists may overlap. */
+ * are read before any is written, since the lists may overlap. The binding checks the rows. */
 int move_rows(void *const *caches, int64_t num_caches, const int64_t *src, const int64_t *dst,
               int64_t n, int64_t row_bytes) {
     char stack[16384];
@@ -31,8 +31,10 @@ int move_rows(void *const *caches, int64_t num_caches, const int64_t *src, const
     if (!tmp) return -1;
     for (int64_t c = 0; c < num_caches; ++c) {
         char *base = (char *)caches[c];
-        for (int64_t i = 0; i < n; ++i) memcpy(tmp + i * row_bytes, base + src[i] * row_bytes, row_bytes);
-        for (int64_t i = 0; i < n; ++i) memcpy(base + dst[i] * row_bytes, tmp + i * row_bytes, row_bytes);
+        for (int64_t i = 0; i < n; ++i)
+            memcpy(tmp + i * row_bytes, base + src[i] * row_bytes, (size_t)row_bytes);
+        for (int64_t i = 0; i < n; ++i)
+            memcpy(base + dst[i] * row_bytes, tmp + i * row_bytes, (size_t)row_bytes);
     }
     if (tmp != stack) free(tmp);
     return 0;

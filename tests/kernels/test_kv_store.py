@@ -100,6 +100,8 @@ def test_row_mover_moves_every_cache_reading_before_writing(n: int, dtype: torch
         flat = ref.view(-1, 3, 64)
         flat[src] = flat[dst].clone()
         assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="in \\[0, 128\\)"):
+        mover([0], [128])  # the C kernel would write past the cache
 
 
 def _library_loaded() -> bool:

@@ -43,7 +43,7 @@ from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
 from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.gate import SpecGate
-from worker.spec.processing import RowContext, RowProbabilities, history_rows, penalized
+from worker.spec.processing import RowContext, RowProbabilities, penalized
 from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
 from worker.spec.tree import (
     branch,
@@ -277,9 +277,11 @@ class SpecDecoder:
         block = logits[row.first:row.first + m + 1].to(torch.float32, copy=edit)
         raw = (block.clone() if edit else block) if params.logprobs is not None else None
         if edit:
-            histories = (history_rows(seq.token_ids, drafts, m + 1) if parents is None else
-                         [seq.token_ids + branch(drafts, parents, node) for node in range(-1, m)])
-            ctxs = [RowContext(params, h, seq.num_prompt_tokens) for h in histories]
+            # row 0 is the root's; row j + 1 follows draft j, after its branch (a chain's
+            # branch of j is drafts[:j + 1])
+            tree = parents if parents is not None else list(range(-1, m - 1))
+            ctxs = [RowContext(params, seq.token_ids + branch(drafts, tree, node),
+                               seq.num_prompt_tokens) for node in range(-1, m)]
             penalized(block, ctxs, self.eos_token_ids)
         if parents is not None:
             return self._verify_tree(block, raw, row, sampler)

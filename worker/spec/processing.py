@@ -77,8 +77,3 @@ class RowProbabilities:
         if row is None:
             row = self._rows[r] = probabilities(self.logits[r:r + 1], self.params)[0]
         return row
-
-
-def history_rows(token_ids: list[int], drafts: list[int], num_rows: int) -> list[list[int]]:
-    """Row j's history: the committed tokens and drafts[:j]."""
-    return [token_ids + drafts[:j] for j in range(num_rows)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 
 import torch
 
@@ -91,7 +92,7 @@ class RowMover:
         self._rows = first.shape[0] * first.shape[1]
         if self._c:
             self._ptrs = (ctypes.c_void_p * len(caches))(*(c.data_ptr() for c in caches))
-            self._row_bytes = first[0, 0].numel() * first.element_size()
+            self._row_bytes = math.prod(first.shape[2:]) * first.element_size()
 
     def __call__(self, src: list[int], dst: list[int]) -> None:
         if not src:

@@ -97,7 +97,6 @@ class ModelRunner:
         layer0 = self.attn_layers[0]
         self.num_kv_heads = layer0.num_kv_heads
         self.head_dim = layer0.head_dim
-        self._mover: RowMover | None = None  # move_kv over the current caches
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
 
@@ -127,6 +126,8 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.bind_cache(torch.zeros(shape, dtype=self.dtype, device=self.device),
                              torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self._mover = RowMover([c for layer in self.attn_layers
+                                for c in (layer.k_cache, layer.v_cache)])
 
     def _size_kv_cache(self) -> int:
         cfg = self.config
@@ -228,9 +229,6 @@ class ModelRunner:
         """Copies the K/V rows of cache slots `src` to slots `dst` in every layer: the accepted
         branch of a verified token tree moves to where a chain would have put it. All rows are
         read before any is written, so the two lists may overlap."""
-        caches = [c for layer in self.attn_layers for c in (layer.k_cache, layer.v_cache)]
-        if self._mover is None or self._mover.caches[0] is not caches[0]:
-            self._mover = RowMover(caches)  # the cache was (re)allocated
         self._mover(src, dst)
 
     @torch.inference_mode()

@@ -1,6 +1,8 @@
 """Train an EAGLE draft head (worker/spec/eagle_head.py) for a Llama-family target, on CPU.
 
     python -m bench.train_eagle --out DIR [--chats 600] [--self-written 0] [--train-seconds 900]
+    python -m bench.train_eagle --generate-only --cache MORE.json --chats 0 --self-written N --seed S
+    python -m bench.train_eagle --out DIR --cache CHATS.json,MORE.json [--resume DIR] ...
 
 Data is the target's own: its greedy answers to templated chat prompts and to user queries it
 writes itself (Magpie: given the chat template up to a user turn, it writes the request),
@@ -423,7 +425,8 @@ def init_from_last_layer(head: EagleHead, model) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help="target folder (default: the default model)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="where to write the head (needed unless "
+                   "--generate-only)")
     p.add_argument("--chats", type=int, default=600, help="templated chat prompts")
     p.add_argument("--self-written", type=int, default=0,
                    help="user queries the target writes itself to sample (about 80%% are kept)")
@@ -448,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=None, help="keep the generated chats in this file")
+    p.add_argument("--cache", default=None,
+                   help="keep the generated chats in this file; several files, comma-separated, "
+                        "are read in order and joined (each made by its own run, e.g. with "
+                        "another --seed and --generate-only)")
+    p.add_argument("--generate-only", action="store_true",
+                   help="generate the chats into --cache and stop")
     p.add_argument("--features", default=None,
                    help="keep the target's features in this file (~1.2 KB per token per "
                         "feature layer, plus one)")
@@ -470,14 +478,27 @@ def main(argv: list[str] | None = None) -> int:
     from text.tokenizer import Tokenizer
 
     target_dir = Path(args.target) if args.target else resolve_model(None)
-    cache = Path(args.cache) if args.cache else None
-    if cache is not None and cache.is_file():
-        chats = json.loads(cache.read_text())
+    caches = [Path(c) for c in args.cache.split(",") if c.strip()] if args.cache else []
+    if args.generate_only and len(caches) != 1:
+        p.error("--generate-only writes the chats to one --cache file: give one")
+    if not args.generate_only and args.out is None:
+        p.error("--out DIR is needed to write the head (or give --generate-only)")
+    if len(caches) > 1 or (caches and caches[0].is_file()):
+        if missing := [str(c) for c in caches if not c.is_file()]:
+            p.error(f"--cache: {', '.join(missing)} not found; make each file first by a run "
+                    "with that one --cache and --generate-only")
+        chats = [pair for c in caches for pair in json.loads(c.read_text())]
+        if args.generate_only:
+            print(f"{caches[0]} exists already: nothing to generate")
+            return 0
     else:
         chats = generate_chats(target_dir, chat_prompts(args.chats, args.seed),
                                args.self_written, args.seed, args.max_tokens)
-        if cache is not None:
-            cache.write_text(json.dumps(chats))
+        if caches:
+            caches[0].write_text(json.dumps(chats))
+        if args.generate_only:
+            print(f"wrote {len(chats)} chats to {caches[0]}")
+            return 0
     prose: list[list[int]] = []
     if args.austen_tokens > 0:
         text = Tokenizer.from_dir(target_dir).encode(AUSTEN.read_text(), add_special_tokens=False)

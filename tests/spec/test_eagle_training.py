@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from bench.train_eagle import main as train_eagle
@@ -93,3 +94,33 @@ def test_feature_layers_must_come_in_order(tiny_model_dir, chats, tmp_path):
     kv4 = tiny_model_dir("llama-kv4")  # 4 layers
     with pytest.raises(SystemExit):
         train_eagle(_args(kv4, chats, tmp_path / "z", "--feature-layers", "3,1"))
+
+
+def test_chats_from_several_caches_are_joined_in_order(target, chats, tmp_path):
+    """--cache A,B trains on A's chats then B's (the held-out ones are A's first), as one file
+    holding both would; a missing file is named, not generated into."""
+    pairs = json.loads(chats.read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(pairs[:5]))
+    b.write_text(json.dumps(pairs[5:]))
+    features = tmp_path / "features.pt"
+    args = _args(target, chats, tmp_path / "head", "--features", str(features))
+    args[args.index("--cache") + 1] = f"{a},{b}"
+    assert train_eagle(args) == 0
+    items = torch.load(features)["items"]
+    assert [ids.tolist() for ids, _, _ in items] == [p + q for p, q in pairs]
+    assert [start for _, _, start in items] == [len(p) - 1 for p, _ in pairs]
+    assert json.loads((tmp_path / "head" / "eagle.json").read_text())["chats"] == len(pairs) - 2
+
+    args[args.index("--cache") + 1] = f"{a},{tmp_path / 'missing.json'}"
+    with pytest.raises(SystemExit):
+        train_eagle(args)
+    assert not (tmp_path / "missing.json").exists()
+
+
+def test_generate_only_needs_one_cache_and_stops(target, chats, tmp_path):
+    assert train_eagle(["--target", str(target), "--generate-only", "--cache", str(chats)]) == 0
+    with pytest.raises(SystemExit):  # nowhere to write the chats
+        train_eagle(["--target", str(target), "--generate-only"])
+    with pytest.raises(SystemExit):  # nowhere to write the head
+        train_eagle(["--target", str(target), "--cache", str(chats)])

@@ -3,10 +3,13 @@ proposer (same greedy output required), acceptance, and batch-32 throughput.
 
     python -m bench.speculative [--draft-model DIR] [--max-tokens 96] [--json out.json]
     python -m bench.speculative --methods "none,eagle,eagle{eagle_tree_width=1}"
+    python -m bench.speculative --methods "none,eagle,eagle{draft_model=DIR}"  (two heads)
     python -m bench.speculative --temperature 0.7 --batch ""   # sampled answers
+    python -m bench.speculative --held-out-chats CHATS.json:24   # also a head's held-out chats
 
 A method may carry SpeculativeConfig options in braces, separated by ";" (values are JSON,
-else strings), to compare settings of one proposer in the same run.
+else strings), to compare settings of one proposer in the same run; `draft_model` picks that
+method's head or draft model folder instead of --draft-model's.
 
 Each configuration is one LLM (one engine) over the same prompts; outputs are compared token
 for token with the first method (none). Runs alternate between the engines; timings are medians
@@ -49,13 +52,30 @@ def austen_prompt(chars: int = 1200) -> str:
     return text[start:start + chars]
 
 
-def run_one(llm: LLM, prompt: str, chat: bool, params: SamplingParams) -> tuple[list[int], float]:
+def run_one(llm: LLM, prompt: str | list[int], chat: bool,
+            params: SamplingParams) -> tuple[list[int], float]:
+    """One request; a prompt of token ids is sent as is (a chat already rendered)."""
     t0 = time.perf_counter()
-    if chat:
+    if chat and isinstance(prompt, str):
         out = llm.chat([{"role": "user", "content": prompt}], params)[0]
     else:
-        out = llm.generate(prompt, params)[0]
+        out = llm.generate([prompt], params)[0]
     return out.token_ids, time.perf_counter() - t0
+
+
+def held_out_chats(spec: str) -> dict[str, tuple[list[int], bool]]:
+    """"CACHE[:N]" -> the first N (default 24) chat prompts of a bench.train_eagle chat cache,
+    as token ids. A head trained on that cache never saw its first --held-out (40) chats, so
+    these measure it on the kind of request it was trained for, where the benchmark's own
+    chats are off its training topics."""
+    path, _, n = spec.partition(":")
+    try:
+        count = int(n) if n else 24
+        chats = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--held-out-chats {spec}: give a chat cache of bench.train_eagle "
+                         f"(--cache) and optionally :N, the number of its first chats ({e})") from None
+    return {f"held-out-{i}": (prompt, True) for i, (prompt, _) in enumerate(chats[:count])}
 
 
 def spec_counts(llm: LLM) -> tuple[int, int, int, int, float]:
@@ -96,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="float32 (default): bit-identical outputs are expected; with bfloat16 "
                          "a k+1-token forward rounds differently from a 1-token one")
     ap.add_argument("--prompts", default=",".join(PROMPTS), help="which batch-1 prompts")
+    ap.add_argument("--held-out-chats", default=None, metavar="CACHE[:N]",
+                    help="also run the first N (24) chats of a bench.train_eagle chat cache, "
+                         "which a head trained on it held out, and report their mean")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0: every row samples at this temperature")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
@@ -104,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     PROMPTS["austen"] = (austen_prompt(), False)
+    prompts: dict[str, tuple[str | list[int], bool]] = {
+        name: PROMPTS[name] for name in filter(None, args.prompts.split(","))}
+    if args.held_out_chats:
+        prompts |= held_out_chats(args.held_out_chats)
     # Chat answers stop at their end of turn: past it the model loops, which any proposer
     # predicts, and ignore_eos would count that as speed-up. The novel has no end to stop at.
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if base == "none" else base
         llms[method] = LLM(None, num_threads=args.threads, dtype=args.dtype, speculative=spec,
                            kv_cache_bytes=256 << 20,
-                           draft_model=args.draft_model
+                           draft_model=options.pop("draft_model", args.draft_model)
                            if spec in ("eagle", "draft", "pool") else None,
                            num_speculative_tokens=options.pop("num_speculative_tokens", args.k)
                            if spec else None,
@@ -136,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         run_one(llms[method], "Hello", True, SamplingParams(max_tokens=4, temperature=0.0))
 
     rows: list[dict] = []
-    for name in filter(None, args.prompts.split(",")):
-        prompt, chat = PROMPTS[name]
+    for name, (prompt, chat) in prompts.items():
         rates: dict[str, list[float]] = {m: [] for m in methods}  # tokens/s of each run
         counts: dict[str, list[int]] = {m: [] for m in methods}
         tokens: dict[str, list[int]] = {}
@@ -192,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['method']} | {r['prompt']} | {r['batch']} | {r['tokens']} | "
               f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {same} | {acc} | "
               f"{mal} |")
-    chats = {r["prompt"] for r in rows if r["prompt"].startswith("chat") and r["batch"] == 1}
-    if chats:
-        print(f"\ngeometric mean speed-up over {methods[0]} on the {len(chats)} chat prompts:")
+    for kind in ("chat", "held-out"):
+        chats = {r["prompt"] for r in rows if r["prompt"].startswith(kind) and r["batch"] == 1}
+        if not chats:
+            continue
+        print(f"\ngeometric mean speed-up over {methods[0]} on the {len(chats)} {kind} prompts:")
         for m in methods:
             ups = [r["speedup"] for r in rows if r["method"] == m and r["prompt"] in chats]
             print(f"  {m}: {statistics.geometric_mean(ups):.2f}x")

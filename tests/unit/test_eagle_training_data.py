@@ -1,6 +1,11 @@
-"""The EAGLE trainer's self-written queries: what is kept, and that the benchmark stays unseen."""
+"""The EAGLE trainer's self-written queries: what is kept, and that the benchmark stays unseen;
+the benchmark's rows for a head's held-out chats."""
 
-from bench.speculative import PROMPTS
+import json
+
+import pytest
+
+from bench.speculative import PROMPTS, held_out_chats
 from bench.train_eagle import usable_query
 
 
@@ -19,3 +24,15 @@ def test_queries_kept_and_dropped():
     assert not usable_query("Im rapidamente: 富僽香言？ 富僽香言？", 20)  # drifted off English
     assert not usable_query("Which teas are best brewed at a lower temperature? Green tea?", 14)
     assert not usable_query("Why is the ocean blue?", 8)
+
+
+def test_held_out_chats_are_the_caches_first_prompts(tmp_path):
+    cache = tmp_path / "chats.json"
+    pairs = [([1, 2, i], [7, 8]) for i in range(30)]
+    cache.write_text(json.dumps(pairs))
+    assert held_out_chats(f"{cache}:3") == {f"held-out-{i}": ([1, 2, i], True) for i in range(3)}
+    assert list(held_out_chats(str(cache))) == [f"held-out-{i}" for i in range(24)]
+    with pytest.raises(SystemExit, match="chat cache"):
+        held_out_chats(f"{cache}:x")
+    with pytest.raises(SystemExit, match="chat cache"):
+        held_out_chats(str(tmp_path / "missing.json"))

@@ -74,7 +74,8 @@ def held_out_chats(spec: str) -> dict[str, tuple[list[int], bool]]:
         chats = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--held-out-chats {spec}: give a chat cache of bench.train_eagle "
-                         f"(--cache) and optionally :N, the number of its first chats ({e})") from None
+                         f"(--cache) and optionally :N, the number of its first chats "
+                         f"({e})") from None
     return {f"held-out-{i}": (prompt, True) for i, (prompt, _) in enumerate(chats[:count])}
 
 

@@ -246,7 +246,6 @@ def choose_vocab(data: list[Item], lm_head: torch.Tensor,
     return vocab, covered
 
 
-
 def _shift(feat: torch.Tensor) -> torch.Tensor:
     """Features before each position: row i gets row i-1, row 0 gets zeros."""
     return torch.cat((torch.zeros_like(feat[..., :1, :]), feat[..., :-1, :]), dim=-2)
@@ -483,22 +482,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--generate-only writes the chats to one --cache file: give one")
     if not args.generate_only and args.out is None:
         p.error("--out DIR is needed to write the head (or give --generate-only)")
-    if len(caches) > 1 or (caches and caches[0].is_file()):
-        if missing := [str(c) for c in caches if not c.is_file()]:
-            p.error(f"--cache: {', '.join(missing)} not found; make each file first by a run "
-                    "with that one --cache and --generate-only")
+    if len(caches) > 1 and (missing := [str(c) for c in caches if not c.is_file()]):
+        p.error(f"--cache: {', '.join(missing)} not found; make each file first by a run "
+                "with that one --cache and --generate-only")
+    if caches and caches[0].is_file():
         chats = [pair for c in caches for pair in json.loads(c.read_text())]
-        if args.generate_only:
-            print(f"{caches[0]} exists already: nothing to generate")
-            return 0
     else:
         chats = generate_chats(target_dir, chat_prompts(args.chats, args.seed),
                                args.self_written, args.seed, args.max_tokens)
         if caches:
             caches[0].write_text(json.dumps(chats))
-        if args.generate_only:
-            print(f"wrote {len(chats)} chats to {caches[0]}")
-            return 0
+    if args.generate_only:
+        print(f"{caches[0]}: {len(chats)} chats")
+        return 0
     prose: list[list[int]] = []
     if args.austen_tokens > 0:
         text = Tokenizer.from_dir(target_dir).encode(AUSTEN.read_text(), add_special_tokens=False)

@@ -14,7 +14,7 @@ import torch
 
 from kernels.cpu_library import load
 
-_ABI = 3
+_ABI = 4
 # Mirrors MAX_GROUP / MAX_HEAD_DIM / MAX_BLOCK in the C source (stack buffers per task).
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256
 

@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "common.h"
+#include "tandem_cpu.h"
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -370,7 +371,26 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
     }
 
 ENTRY(paged_decode_attention_f32, 0)
-ENTRY(paged_decode_attention_bf16, 1)
+
+/* bf16 goes to grouped_attention.c where it runs (AVX512-BF16, no sliding window, head dims a
+ * multiple of 32): the rows of a sequence share their K/V reads there. */
+void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
+                                 const void *v_cache, const int32_t *tables,
+                                 int64_t table_stride, const int32_t *seq_lens,
+                                 const int32_t *q_rows, const int32_t *seq_ids,
+                                 int64_t num_rows, void *out, int64_t out_row_stride,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t block_size, int64_t window, float scale,
+                                 int num_threads, const uint64_t *holes) {
+    if (grouped_decode_attention_bf16(q, q_row_stride, k_cache, v_cache, tables, table_stride,
+                                      seq_lens, q_rows, seq_ids, num_rows, out, out_row_stride,
+                                      num_heads, num_kv_heads, head_dim, block_size, window,
+                                      scale, num_threads, holes))
+        return;
+    run(q, q_row_stride, k_cache, v_cache, tables, table_stride, seq_lens, q_rows, seq_ids,
+        num_rows, out, out_row_stride, num_heads, num_kv_heads, head_dim, block_size, window,
+        scale, num_threads, 1, holes);
+}
 
 /* Lets the binding check that it matches the library it loaded. */
-int paged_decode_attention_abi(void) { return 3; }
+int paged_decode_attention_abi(void) { return 4; }

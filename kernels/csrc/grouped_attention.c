@@ -209,7 +209,7 @@ static inline __attribute__((always_inline)) void attend_rows(
     }
 
     /* 2. softmax numerators; keys a row does not see get exactly 0 */
-    __mmask16 vis[span / 16];
+    __mmask16 vis[span / 16 + 1];  /* + 1: no zero-length array */
     for (int64_t r = 0; r < R; ++r) {
         const uint64_t hl = holes ? holes[r] : 0;
         const int64_t len = lens[r];

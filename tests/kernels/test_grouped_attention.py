@@ -147,3 +147,21 @@ def test_tree_rows_in_one_call_equal_their_chains() -> None:
         mine = q[node + 1::rows]
         chain = attend(mine, kc2, vc2, [table] * sets, [len(keep)] * sets)
         assert torch.equal(tree[node + 1::rows], chain), f"token {node}"
+
+
+def test_a_batch_of_decodes_beyond_the_stack_tables() -> None:
+    """70 sequences of one row each (more than the kernel keeps on its stack), lengths from a
+    single key to a few pages, each row on its own pages."""
+    heads, d, gen = (9, 3), 64, torch.Generator().manual_seed(8)
+    lens = [1 + int(x) for x in torch.randint(0, 200, (70,), generator=gen)]
+    need = [-(-n // BS) for n in lens]
+    kc, vc, order, gen = pages(sum(need), heads, d, seed=9)
+    tables, used = [], 0
+    for n in need:
+        tables.append(order[used:used + n])
+        used += n
+    q = torch.randn(len(lens), heads[0], d, generator=gen).bfloat16()
+    out = attend(q, kc, vc, tables, lens)
+    assert_close(out, naive(q, kc, vc, tables, lens), torch.bfloat16, "70 decodes")
+    for r in (0, 33, 69):
+        assert torch.equal(out[r], attend(q[r:r + 1], kc, vc, [tables[r]], [lens[r]])[0])

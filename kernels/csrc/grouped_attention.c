@@ -20,7 +20,7 @@
  * ancestors, as paged_decode_attention.c guarantees by walking only visible keys; the fused
  * decode layer's speculative verifies reproduce plain decoding through either. The two files
  * differ in rounding, so a model runs all its decodes through one of them: this one for bf16
- * with head dims that are a multiple of 32 and no sliding window, on CPUs with AVX512-BF16.
+ * with head dims of 32, 64 or 128 and no sliding window, on CPUs with AVX512-BF16.
  */
 #include <math.h>
 #include <stdint.h>

@@ -372,8 +372,8 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
 
 ENTRY(paged_decode_attention_f32, 0)
 
-/* bf16 goes to grouped_attention.c where it runs (AVX512-BF16, no sliding window, head dims a
- * multiple of 32): the rows of a sequence share their K/V reads there. */
+/* bf16 goes to grouped_attention.c where it runs (AVX512-BF16, no sliding window, head dim 32,
+ * 64 or 128): the rows of a sequence share their K/V reads there. */
 void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
                                  const void *v_cache, const int32_t *tables,
                                  int64_t table_stride, const int32_t *seq_lens,

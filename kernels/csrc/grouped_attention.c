@@ -28,8 +28,9 @@
 #include <string.h>
 
 #include "common.h"
+#include "tandem_cpu.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef TANDEM_GROUPED_ATTENTION
 #include <immintrin.h>
 
 #define GA_MAX_D 128
@@ -267,13 +268,14 @@ typedef struct {
     int64_t first, count, table_row;
 } Group;
 
-#define GROUPED_AVAILABLE 1
-static int grouped(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
-                   const int32_t *tables, int64_t table_stride, const int32_t *seq_lens,
-                   const int32_t *q_rows, const int32_t *seq_ids, int64_t num_rows, void *out,
-                   int64_t out_row_stride, int64_t num_heads, int64_t num_kv_heads,
-                   int64_t head_dim, int64_t block_size, int64_t window, float scale,
-                   int num_threads, const uint64_t *holes) {
+int grouped_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
+                                  const void *v_cache, const int32_t *tables,
+                                  int64_t table_stride, const int32_t *seq_lens,
+                                  const int32_t *q_rows, const int32_t *seq_ids,
+                                  int64_t num_rows, void *out, int64_t out_row_stride,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t block_size, int64_t window, float scale,
+                                  int num_threads, const uint64_t *holes) {
     if (window > 0 || (head_dim != 32 && head_dim != 64 && head_dim != 128) || num_rows <= 0 ||
         num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > GA_MAX_QV)
         return 0;
@@ -341,13 +343,10 @@ static int grouped(const void *q, int64_t q_row_stride, const void *k_cache, con
         const Group *gp = &groups[task * heads_per_task / num_kv_heads];
         const int64_t h0 = task * heads_per_task % num_kv_heads;
         const int32_t *table = tables + (int64_t)seq_ids[gp->table_row] * table_stride;
-        uint64_t hl[GA_MAX_ROWS];
-        if (holes)
-            for (int64_t r = 0; r < gp->count; ++r) hl[r] = holes[gp->first + r];
         for (int64_t h = h0; h < h0 + heads_per_task; ++h)
             attend_rows_dispatch((const uint16_t *)q, q_row_stride, (const uint16_t *)k_cache,
                                  (const uint16_t *)v_cache, table, lens + gp->first,
-                                 holes ? hl : NULL, q_rows + gp->first, gp->count, h,
+                                 holes ? holes + gp->first : NULL, q_rows + gp->first, gp->count, h,
                                  (uint16_t *)out, out_row_stride, G, num_kv_heads, head_dim,
                                  block_size, scale);
     }
@@ -357,24 +356,3 @@ static int grouped(const void *q, int64_t q_row_stride, const void *k_cache, con
 }
 
 #endif
-
-int grouped_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
-                                  const void *v_cache, const int32_t *tables,
-                                  int64_t table_stride, const int32_t *seq_lens,
-                                  const int32_t *q_rows, const int32_t *seq_ids,
-                                  int64_t num_rows, void *out, int64_t out_row_stride,
-                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                  int64_t block_size, int64_t window, float scale,
-                                  int num_threads, const uint64_t *holes) {
-#ifdef GROUPED_AVAILABLE
-    return grouped(q, q_row_stride, k_cache, v_cache, tables, table_stride, seq_lens, q_rows,
-                   seq_ids, num_rows, out, out_row_stride, num_heads, num_kv_heads, head_dim,
-                   block_size, window, scale, num_threads, holes);
-#else
-    (void)q; (void)q_row_stride; (void)k_cache; (void)v_cache; (void)tables;
-    (void)table_stride; (void)seq_lens; (void)q_rows; (void)seq_ids; (void)num_rows; (void)out;
-    (void)out_row_stride; (void)num_heads; (void)num_kv_heads; (void)head_dim;
-    (void)block_size; (void)window; (void)scale; (void)num_threads; (void)holes;
-    return 0;
-#endif
-}

@@ -323,6 +323,16 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
                 int64_t out_row_stride, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                 int64_t block_size, int64_t window, float scale, int num_threads, int bf16,
                 const uint64_t *holes) {
+#ifdef TANDEM_GROUPED_ATTENTION
+    /* bf16 goes to grouped_attention.c where it serves the shape (no sliding window, head dim
+     * 32, 64 or 128): the rows of a sequence share their K/V reads there. */
+    if (bf16 && grouped_decode_attention_bf16(q, q_row_stride, k_cache, v_cache, tables,
+                                              table_stride, seq_lens, q_rows, seq_ids, num_rows,
+                                              out, out_row_stride, num_heads, num_kv_heads,
+                                              head_dim, block_size, window, scale, num_threads,
+                                              holes))
+        return;
+#endif
     const int64_t group = num_heads / num_kv_heads;
     /* A task walks the KV heads of one sequence in turn: a token's heads share cache lines, so
      * after the first head the rest come from L2. With fewer sequences than threads, one task
@@ -371,26 +381,7 @@ static void run(const void *q, int64_t q_row_stride, const void *k_cache, const 
     }
 
 ENTRY(paged_decode_attention_f32, 0)
-
-/* bf16 goes to grouped_attention.c where it runs (AVX512-BF16, no sliding window, head dim 32,
- * 64 or 128): the rows of a sequence share their K/V reads there. */
-void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
-                                 const void *v_cache, const int32_t *tables,
-                                 int64_t table_stride, const int32_t *seq_lens,
-                                 const int32_t *q_rows, const int32_t *seq_ids,
-                                 int64_t num_rows, void *out, int64_t out_row_stride,
-                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                 int64_t block_size, int64_t window, float scale,
-                                 int num_threads, const uint64_t *holes) {
-    if (grouped_decode_attention_bf16(q, q_row_stride, k_cache, v_cache, tables, table_stride,
-                                      seq_lens, q_rows, seq_ids, num_rows, out, out_row_stride,
-                                      num_heads, num_kv_heads, head_dim, block_size, window,
-                                      scale, num_threads, holes))
-        return;
-    run(q, q_row_stride, k_cache, v_cache, tables, table_stride, seq_lens, q_rows, seq_ids,
-        num_rows, out, out_row_stride, num_heads, num_kv_heads, head_dim, block_size, window,
-        scale, num_threads, 1, holes);
-}
+ENTRY(paged_decode_attention_bf16, 1)
 
 /* Lets the binding check that it matches the library it loaded. */
 int paged_decode_attention_abi(void) { return 4; }

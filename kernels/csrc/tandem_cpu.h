@@ -44,7 +44,10 @@ void paged_decode_attention_bf16(const void *q, int64_t q_row_stride, const void
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t block_size, int64_t window, float scale,
                                  int num_threads, const uint64_t *holes);
-/* 1 when it handled the call, 0 where it does not run (the caller falls back). */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* grouped_attention.c: 1 when it handled the call, 0 for shapes it does not serve (the caller
+ * falls back to the row-by-row kernel). */
+#define TANDEM_GROUPED_ATTENTION 1
 int grouped_decode_attention_bf16(const void *q, int64_t q_row_stride, const void *k_cache,
                                   const void *v_cache, const int32_t *tables,
                                   int64_t table_stride, const int32_t *seq_lens,
@@ -53,6 +56,7 @@ int grouped_decode_attention_bf16(const void *q, int64_t q_row_stride, const voi
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   int64_t block_size, int64_t window, float scale,
                                   int num_threads, const uint64_t *holes);
+#endif
 void silu_and_mul(const void *gu, void *out, int64_t rows, int64_t inter, int bf16,
                   int num_threads);
 

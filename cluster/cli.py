@@ -130,7 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_remote(args, prompts, params)
     llm = _make_llm(args)
     try:
-        return _generate_local(llm, args, prompts, params)
+        code = _generate_local(llm, args, prompts, params)
+        if llm.config.speculative is not None:
+            from cluster.speculative import speculation_summary
+
+            print(speculation_summary(llm.config.speculative.method, llm.engine.stats()),
+                  file=sys.stderr)
+        return code
     finally:
         llm.shutdown()  # a parallel replica's actors (and the local Ray it started)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from protos.messages import ReplicaStats
 from worker.config import EngineConfig
 from worker.spec.config import SpeculativeConfig
 
@@ -41,6 +42,22 @@ def speculative_config(method: str | None, *, draft_model: str | None = None,
     except msgspec.ValidationError as e:
         known = ", ".join(SpeculativeConfig.__struct_fields__)
         raise ValueError(f"speculative options: {e} (the fields are: {known})") from e
+
+
+def speculation_summary(method: str, stats: ReplicaStats) -> str:
+    """One line on how speculation went, for `tandem generate` (stderr): whether it paid shows
+    in tokens per verification against the cost of a step, and a low rate says which prompts
+    or proposer to look at. The same counters reach Prometheus under `tandem serve`."""
+    v = stats.spec_verifications_total
+    gated = (f"; {stats.spec_gated_steps_total} steps ran plain (the measured gate)"
+             if stats.spec_gated_steps_total else "")
+    if v == 0:
+        return f"speculative decoding ({method}): no step verified a proposal{gated}"
+    return (f"speculative decoding ({method}): {v} verifications, "
+            f"{stats.spec_mean_accepted_length:.2f} tokens each; "
+            f"{stats.spec_accepted_tokens_total} of {stats.spec_proposed_tokens_total} proposed "
+            f"tokens accepted ({stats.spec_acceptance_rate:.0%}); proposer "
+            f"{1e3 * stats.spec_proposer_seconds_total / v:.2f} ms per verification{gated}")
 
 
 def _pool_args(config: EngineConfig) -> tuple[SpeculativeConfig, Path, int]:

@@ -76,3 +76,54 @@ def test_llm_refuses_a_draft_pool_with_parallelism(tiny_model_dir):
     with pytest.raises(ValueError, match="tandem serve"):
         LLM(str(tiny_model_dir("llama-gqa")), tensor_parallel_size=2, speculative="pool",
             draft_model=str(tiny_model_dir("llama-gqa")))
+
+
+def test_speculation_summary_reads_the_counters():
+    from cluster.speculative import speculation_summary
+    from protos.messages import ReplicaStats
+
+    stats = ReplicaStats(spec_proposed_tokens_total=40, spec_accepted_tokens_total=10,
+                         spec_verifications_total=8, spec_emitted_tokens_total=18,
+                         spec_proposer_seconds_total=0.012, spec_gated_steps_total=3)
+    assert speculation_summary("eagle", stats) == (
+        "speculative decoding (eagle): 8 verifications, 2.25 tokens each; 10 of 40 proposed "
+        "tokens accepted (25%); proposer 1.50 ms per verification; 3 steps ran plain (the "
+        "measured gate)")
+    assert speculation_summary("ngram", ReplicaStats()) == \
+        "speculative decoding (ngram): no step verified a proposal"
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_generate_prints_how_speculation_went(tiny_model_dir, monkeypatch, capsys, speculative):
+    """`tandem generate --speculative` ends with the engine's own counters on stderr; without
+    speculation stderr stays quiet."""
+    import json
+
+    import cluster.cli as cli
+    from cluster.llm import LLM
+    from cluster.speculative import speculation_summary
+
+    made = []
+
+    def make_llm(args):
+        made.append(LLM(str(tiny_model_dir("llama-gqa")), dtype="float32",
+                        kv_cache_bytes=1 << 22, block_size=4,
+                        speculative="ngram" if speculative else None,
+                        num_speculative_tokens=3 if speculative else None,
+                        speculative_options={"measure_gate": False} if speculative else None))
+        return made[0]
+
+    # the tiny model has no tokenizer: its prompt goes in as token ids
+    monkeypatch.setattr(cli, "_make_llm", make_llm)
+    monkeypatch.setattr(cli, "_read_prompts", lambda args: [[5, 6, 7, 5, 6, 7, 5, 6]])
+    argv = ["generate", "--prompt", "x", "--json", "--max-tokens", "24", "--ignore-eos"]
+    assert cli.cmd_generate(build_parser().parse_args(argv)) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["token_ids"]) == 24
+    if not speculative:
+        assert "speculative" not in err
+        return
+    stats = made[0].engine.stats()
+    assert stats.spec_verifications_total > 0
+    assert err.strip().splitlines()[-1] == speculation_summary("ngram", stats)
+    assert f"{stats.spec_verifications_total} verifications" in err

@@ -61,15 +61,16 @@ class DraftCall:
                                    None, None)
         self._embed, self._norm, self._eps = embed.data_ptr(), out_norm.data_ptr(), eps
         self._tokens, self._blocks, self._positions = embed.shape[0], num_blocks, max_position
-        self._work: dict[int, torch.Tensor] = {}
+        # One buffer, grown to the largest call so far: a call of m rows uses the first bytes
+        # (calls take up to the fused layer's limit, 512 rows with AMX, of every size between).
+        self._work = torch.empty(0, dtype=torch.uint8)
 
     def _workspace(self, m: int) -> torch.Tensor:
-        work = self._work.get(m)
-        if work is None:
-            size = _library().eagle_draft_workspace_bytes(
-                ctypes.byref(self.layer.struct), m, self.vocab, int(self.dtype == torch.bfloat16))
-            work = self._work[m] = torch.empty(size, dtype=torch.uint8)
-        return work
+        size = _library().eagle_draft_workspace_bytes(
+            ctypes.byref(self.layer.struct), m, self.vocab, int(self.dtype == torch.bfloat16))
+        if size > self._work.numel():
+            self._work = torch.empty(size, dtype=torch.uint8)
+        return self._work
 
     def __call__(self, tokens: list[int], features: torch.Tensor, positions: list[int],
                  tables: list[list[int]], seq_of_row: list[int], cache_rows: list[int],

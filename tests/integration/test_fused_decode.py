@@ -85,10 +85,57 @@ def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_
         pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
     prompts = [[3, 4, 5, 6, 7], [5, 6, 7, 8], [9, 8, 7, 6, 5, 4]]
     path = tiny_model_dir("llama-gqa")
-    with_fused = engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="f")
+    engine = _engine(path, dtype="bfloat16")
+    fused_calls[0] = 0  # the start-up warm-up step may run fused too
+    with_fused = engine_greedy(engine, prompts, tag="f")
     assert fused_calls[0] == 2 * (1 + 15), "the 15-token prefill step was not fused"
     monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
     assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
+
+
+def _need_amx() -> None:
+    from kernels import cpu_linear
+
+    if not cpu_linear.amx_available():
+        pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
+
+
+def test_bf16_prefill_of_hundreds_of_tokens_runs_fused_with_amx(tiny_model_dir, fused_calls,
+                                                               monkeypatch) -> None:
+    """With AMX a prefill chunk of up to MAX_ROWS_AMX tokens takes the fused layer (here one
+    step of 300 tokens over two prompts); its tokens equal the unfused path's."""
+    _need_amx()
+    prompts = [[(7 * i) % 200 + 3 for i in range(180)], [(11 * i) % 190 + 5 for i in range(120)]]
+    path = tiny_model_dir("llama-gqa")
+    engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_bytes=1 << 24,
+                                 block_size=16))
+    fused_calls[0] = 0  # the start-up warm-up step may run fused too
+    with_fused = engine_greedy(engine, prompts, tag="f")
+    assert fused_calls[0] == 2 * (1 + 15), "the 300-token prefill step was not fused"
+    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
+    engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_bytes=1 << 24,
+                                 block_size=16))
+    assert with_fused == engine_greedy(engine, prompts, tag="u")
+
+
+@pytest.mark.parametrize("length", [37, 203])
+def test_a_prompt_answers_the_same_with_its_prefix_cached(tiny_model_dir, length) -> None:
+    """The second time a prompt comes, its full blocks are cached and only its last tokens run;
+    the first time the whole prompt runs in one step. Both go through the fused layer, which
+    computes a row the same whatever else its step holds, so the logprobs agree bit for bit
+    (before, a prefill past 16 tokens took torch's path and near-ties flipped greedy answers
+    between a cold and a warm cache)."""
+    from cluster.llm import LLM
+    from protos.messages import SamplingParams
+
+    _need_amx()
+    llm = LLM(str(tiny_model_dir("llama-gqa")), dtype="bfloat16", kv_cache_bytes=1 << 24)
+    prompt = [(13 * i) % 240 + 3 for i in range(length)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=4)
+    cold, warm = (llm.generate([prompt], params)[0] for _ in range(2))
+    assert (cold.num_cached_tokens, warm.num_cached_tokens) == (0, length // 16 * 16)
+    assert warm.token_ids == cold.token_ids
+    assert warm.logprobs == cold.logprobs
 
 
 def test_run_layers_equals_layer_by_layer_for_odd_and_even_stacks(tiny_model_dir,

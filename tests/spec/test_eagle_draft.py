@@ -65,17 +65,18 @@ def test_draft_kernel_equals_the_python_path(dtype):
     if not fused.available(dtype):
         pytest.skip("the fused decode layer is not built for this dtype here")
     head = make_head(dtype)
-    ref, new = (FusedEagleLayer(head, 1 << 18, 512) for _ in range(2))
+    # pool and rotary table sized for calls of up to 512 rows (bf16 on AMX)
+    ref, new = (FusedEagleLayer(head, 1 << 20, 2048) for _ in range(2))
     blocks_ref, blocks_new = ref.new_cache(), new.new_cache()
-    # Pages out of order, so that rows cross page boundaries through the table.
-    for layer, blocks in ((ref, blocks_ref), (new, blocks_new)):
-        layer.free_blocks.reverse()
-        assert layer.reserve(blocks, 64)
-    gen = torch.Generator().manual_seed(1)
     # A catch-up longer than one kernel call (split in chunks), scoring its last row; then a
     # tree step of three rows with holes (each row sees the committed rows and itself only),
     # all scored; then a chain step.
     n = ref.max_rows + 5
+    # Pages out of order, so that rows cross page boundaries through the table.
+    for layer, blocks in ((ref, blocks_ref), (new, blocks_new)):
+        layer.free_blocks.reverse()
+        assert layer.reserve(blocks, n + 8)
+    gen = torch.Generator().manual_seed(1)
     calls = [
         (torch.randint(0, 300, (n,), generator=gen).tolist(), list(range(n)), 0, None, 1, 3),
         ([7, 250, 11], [n] * 3, n, [0, 0b10, 0b110], 3, 3),
@@ -107,7 +108,7 @@ def test_a_batched_call_equals_one_call_per_sequence(dtype):
     if not fused.available(dtype):
         pytest.skip("the fused decode layer is not built for this dtype here")
     head = make_head(dtype)
-    alone, batched = (FusedEagleLayer(head, 1 << 18, 512) for _ in range(2))
+    alone, batched = (FusedEagleLayer(head, 1 << 20, 2048) for _ in range(2))
     gen = torch.Generator().manual_seed(2)
     lengths = [3, alone.max_rows - 2, 6]  # the second spills over into a second call
     caches = {id(layer): [layer.new_cache() for _ in lengths] for layer in (alone, batched)}

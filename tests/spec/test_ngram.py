@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from kernels import cpu_linear
-from kernels.cpu_decode_layer import MAX_ROWS, MAX_ROWS_AMX
+from kernels.cpu_decode_layer import MAX_ROWS
 from protos.messages import Request
 from tests.engine_utils import greedy, run_to_completion
 from tests.spec.test_spec_greedy import PROMPTS, make_engine, run
 from worker.spec.config import SpeculativeConfig
-from worker.spec.factory import resolve_max_step_tokens
+from worker.spec.factory import SPEC_STEP_TOKENS_AMX, resolve_max_step_tokens
 from worker.spec.proposer import NgramProposer, Proposal, Proposer
 
 
@@ -105,7 +105,7 @@ def test_budget_resolves_to_the_fused_step_size_on_cpu():
     cfg = SpeculativeConfig(num_speculative_tokens=8)
     amx = cpu_linear.amx_available()
     assert resolve_max_step_tokens(cfg, cpu, torch.bfloat16).max_step_tokens == \
-        (MAX_ROWS_AMX if amx else MAX_ROWS)
+        (SPEC_STEP_TOKENS_AMX if amx else MAX_ROWS)
     assert resolve_max_step_tokens(cfg, cpu, torch.float32).max_step_tokens == MAX_ROWS
     assert resolve_max_step_tokens(cfg, cuda, torch.bfloat16).max_step_tokens == 8 * 9
     given = SpeculativeConfig(max_step_tokens=5)

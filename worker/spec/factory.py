@@ -8,12 +8,18 @@ from typing import Any
 import msgspec
 import torch
 
-from kernels.cpu_decode_layer import MAX_ROWS, MAX_ROWS_AMX
+from kernels.cpu_decode_layer import MAX_ROWS
 from kernels.linear import multi_row_matmul_is_flat
 from worker.config import ConfigError
 from worker.spec.config import GATED_MIN_ACCEPTANCE, SpeculativeConfig
 from worker.spec.decoder import SpecDecoder
 from worker.spec.proposer import NgramProposer, Proposer
+
+# Tokens a speculative step scores on CPU with bf16 on AMX, unless set: batch 1 gets k = 8,
+# batch 2 k = 7, batch 8 k = 1. The fused layer takes more, but each verify row costs ~0.07 ms
+# plus its own pass over the context (~0.2 ms at 220 tokens; docs/speculative.md), which deeper
+# drafts at batch 4-8 do not win back.
+SPEC_STEP_TOKENS_AMX = 16
 
 
 def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Path:
@@ -119,13 +125,14 @@ def resolve_min_acceptance(config: SpeculativeConfig, device: torch.device,
 def resolve_max_step_tokens(config: SpeculativeConfig, device: torch.device,
                             dtype: torch.dtype) -> SpeculativeConfig:
     """Fills in max_step_tokens when the user left it unset. On CPU, a step of up to 16 tokens
-    (bf16 on AMX; 8 otherwise) runs through the fused decode layer and costs 1-1.4 decodes;
-    past that it falls to torch's GEMMs and costs several, so batch 2 at k=8 would lose what
-    batch 1 at k=8 wins. On CUDA a verify is cheap at any batch speculation runs at."""
+    (bf16 on AMX: SPEC_STEP_TOKENS_AMX; 8 otherwise, the fused decode layer's limit there)
+    costs 1-1.4 decodes; without AMX a bigger one falls to torch's GEMMs and costs several, so
+    batch 2 at k=8 would lose what batch 1 at k=8 wins. On CUDA a verify is cheap at any batch
+    speculation runs at."""
     if config.max_step_tokens is not None:
         return config
     if device.type == "cpu":
-        limit = MAX_ROWS_AMX if multi_row_matmul_is_flat(device, dtype) else MAX_ROWS
+        limit = SPEC_STEP_TOKENS_AMX if multi_row_matmul_is_flat(device, dtype) else MAX_ROWS
     else:
         limit = config.max_batch_size * (config.num_speculative_tokens + 1)
     return msgspec.structs.replace(config, max_step_tokens=limit)

@@ -61,15 +61,16 @@ class DraftCall:
                                    None, None)
         self._embed, self._norm, self._eps = embed.data_ptr(), out_norm.data_ptr(), eps
         self._tokens, self._blocks, self._positions = embed.shape[0], num_blocks, max_position
-        # One buffer, grown to the largest call so far: a call of m rows uses the first bytes
-        # (calls take up to the fused layer's limit, 512 rows with AMX, of every size between).
-        self._work = torch.empty(0, dtype=torch.uint8)
+        # One buffer, grown to the largest call so far (the workspace grows with the rows, and
+        # a call of m rows uses its first bytes): calls take any size up to the fused layer's
+        # limit, 512 rows with AMX.
+        self._work, self._work_rows = torch.empty(0, dtype=torch.uint8), 0
 
     def _workspace(self, m: int) -> torch.Tensor:
-        size = _library().eagle_draft_workspace_bytes(
-            ctypes.byref(self.layer.struct), m, self.vocab, int(self.dtype == torch.bfloat16))
-        if size > self._work.numel():
-            self._work = torch.empty(size, dtype=torch.uint8)
+        if m > self._work_rows:
+            size = _library().eagle_draft_workspace_bytes(
+                ctypes.byref(self.layer.struct), m, self.vocab, int(self.dtype == torch.bfloat16))
+            self._work, self._work_rows = torch.empty(size, dtype=torch.uint8), m
         return self._work
 
     def __call__(self, tokens: list[int], features: torch.Tensor, positions: list[int],

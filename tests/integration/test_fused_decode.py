@@ -75,14 +75,18 @@ def test_fused_equals_unfused(dtype: str, quantization: str | None, tiny_model_d
     assert with_fused == without
 
 
-def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_calls,
-                                                          monkeypatch) -> None:
-    """With AMX the bf16 matmuls cost the same up to 16 rows, so a 15-token prefill step runs
-    fused too; its tokens equal the unfused path's."""
+def _need_amx() -> None:
     from kernels import cpu_linear
 
     if not cpu_linear.amx_available():
         pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
+
+
+def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_calls,
+                                                          monkeypatch) -> None:
+    """With AMX the bf16 matmuls cost the same up to 16 rows, so a 15-token prefill step runs
+    fused too; its tokens equal the unfused path's."""
+    _need_amx()
     prompts = [[3, 4, 5, 6, 7], [5, 6, 7, 8], [9, 8, 7, 6, 5, 4]]
     path = tiny_model_dir("llama-gqa")
     engine = _engine(path, dtype="bfloat16")
@@ -93,13 +97,6 @@ def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_
     assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
 
 
-def _need_amx() -> None:
-    from kernels import cpu_linear
-
-    if not cpu_linear.amx_available():
-        pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
-
-
 def test_bf16_prefill_of_hundreds_of_tokens_runs_fused_with_amx(tiny_model_dir, fused_calls,
                                                                monkeypatch) -> None:
     """With AMX a prefill chunk of up to MAX_ROWS_AMX tokens takes the fused layer (here one
@@ -107,15 +104,12 @@ def test_bf16_prefill_of_hundreds_of_tokens_runs_fused_with_amx(tiny_model_dir, 
     _need_amx()
     prompts = [[(7 * i) % 200 + 3 for i in range(180)], [(11 * i) % 190 + 5 for i in range(120)]]
     path = tiny_model_dir("llama-gqa")
-    engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_bytes=1 << 24,
-                                 block_size=16))
+    engine = _engine(path, dtype="bfloat16")
     fused_calls[0] = 0  # the start-up warm-up step may run fused too
     with_fused = engine_greedy(engine, prompts, tag="f")
     assert fused_calls[0] == 2 * (1 + 15), "the 300-token prefill step was not fused"
     monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
-    engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_bytes=1 << 24,
-                                 block_size=16))
-    assert with_fused == engine_greedy(engine, prompts, tag="u")
+    assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
 
 
 @pytest.mark.parametrize("length", [37, 203])

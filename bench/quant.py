@@ -1,7 +1,7 @@
 """Weight formats side by side on one model: memory, batch-1 decode, batched throughput and
-perplexity for fp32, bf16, int8, int4 and the GGUF's own blocks (and llama.cpp, if asked).
+perplexity for fp32, bf16, int8, int4, w4a8 and the GGUF's own blocks (and llama.cpp, if asked).
 
-    python -m bench.quant [--model M] [--modes fp32,bf16,int8,int4,gguf] [--max-tokens 20000]
+    python -m bench.quant [--model M] [--modes fp32,bf16,int8,int4,w4a8,gguf] [--max-tokens 20000]
                           [--llama-cpp] [--out bench-quant.json]
 
 Every mode scores the same first --max-tokens tokens of --text (window 1024, stride 512) and
@@ -26,7 +26,8 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen
 # label -> (activation dtype, quantization)
 MODES: dict[str, tuple[str, str | None]] = {
     "fp32": ("float32", None), "bf16": ("bfloat16", None),
-    "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4"), "gguf": ("bfloat16", "gguf"),
+    "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4"), "w4a8": ("bfloat16", "w4a8"),
+    "gguf": ("bfloat16", "gguf"),
     "int8-fp32": ("float32", "int8"), "int4-fp32": ("float32", "int4"),
     "gguf-fp32": ("float32", "gguf"),
 }

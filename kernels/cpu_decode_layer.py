@@ -19,7 +19,7 @@ from kernels import cpu_linear
 from kernels.cpu_library import load
 from kernels.cpu_paged_attention import MAX_BLOCK, MAX_GROUP, MAX_HEAD_DIM
 
-LIN_F32, LIN_BF16, LIN_INT8, LIN_INT4 = 0, 1, 2, 3
+LIN_F32, LIN_BF16, LIN_INT8, LIN_INT4, LIN_W4A8 = 0, 1, 2, 3, 4
 MAX_ROWS = 8  # steps of up to this many tokens (beyond, torch's GEMMs win and dispatch is amortized)
 # All-bf16 layers on AMX take steps of up to 512 tokens: decode batches and prefill chunks alike.
 # The matmuls cost the same up to 16 rows and run on AMX tiles beyond; whole prefills measured
@@ -83,13 +83,14 @@ def available(dtype: torch.dtype) -> bool:
 
 @dataclass
 class LinearSpec:
-    """One matmul of the layer: y = x @ W.T (+ bias), W in one of the four CPU layouts."""
+    """One matmul of the layer: y = x @ W.T (+ bias), W in one of the five CPU layouts."""
 
     kind: int
-    weight: torch.Tensor  # [N, K] float / int8; int4: packed uint8 [N, K/2]
+    weight: torch.Tensor  # [N, K] float / int8; int4: packed uint8 [N, K/2]; w4a8: cpu_w4a8's
     out_features: int
     in_features: int
     scales: torch.Tensor | None = None  # int8: [N] fp32; int4: [N, K/g, 2] fp32 (scale, min)
+    # (w4a8: cpu_w4a8's layout)
     group: int = 0
     bias: torch.Tensor | None = None
 

@@ -41,6 +41,10 @@ void decode_linear(const TLinear *lin, const void *x, int64_t m, void *y, float 
         skinny_linear_int8(x, m, lin->k, lin->k, lin->w, lin->scales, lin->n, lin->bias, y,
                            lin->n, fwork, bf16, nt);
         break;
+    case LIN_W4A8:
+        w4a8_linear(x, m, lin->k, lin->k, lin->w, (int)lin->group, (const uint16_t *)lin->scales,
+                    lin->n, lin->bias, y, lin->n, fwork, bf16, nt);
+        break;
     default:
         skinny_linear_int4(x, m, lin->k, lin->k, lin->w, lin->scales, lin->group, lin->n,
                            lin->bias, y, lin->n, fwork, bf16, nt);

@@ -7,12 +7,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INT8 = 2, LIN_INT4 = 3 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INT8 = 2, LIN_INT4 = 3, LIN_W4A8 = 4 };
 
 typedef struct {
     int64_t kind, group, n, k;
-    const void *w;        /* [n, k]; int4: packed [n, k / 2] */
-    const float *scales;  /* int8: [n]; int4: [n, k / group, 2] (scale, min) */
+    const void *w;        /* [n, k]; int4: packed [n, k / 2]; w4a8: w4a8_linear.c's layout */
+    const float *scales;  /* int8: [n]; int4: [n, k / group, 2] (scale, min); w4a8: its own */
+                          /* (w4a8: `group` holds the code width, 4 or 8; groups are 32) */
     const void *bias;     /* [n] in the model dtype, or NULL */
 } TLinear;
 

@@ -2,6 +2,7 @@
 #ifndef TANDEM_CPU_H
 #define TANDEM_CPU_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 int skinny_linear_support(void);
@@ -20,6 +21,14 @@ void skinny_linear_int8(const void *x, int64_t m, int64_t k, int64_t ldx, const 
 void skinny_linear_int4(const void *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
                         const float *sm, int64_t group, int64_t n, const void *bias, void *y,
                         int64_t ldy, float *work, int x_bf16, int num_threads);
+/* 4- or 8-bit weights x int8 activations (w4a8_linear.c); work: w4a8_workspace_bytes(m, k). */
+int w4a8_support(void);
+size_t w4a8_workspace_bytes(int64_t m, int64_t k);
+void w4a8_linear(const void *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w, int bits,
+                 const uint16_t *sm, int64_t n, const void *bias, void *y, int64_t ldy,
+                 void *work, int bf16, int num_threads);
+void w4a8_dequantize(const uint8_t *w, int bits, const uint16_t *sm, int64_t n, int64_t k,
+                     void *out, int out_bf16, int num_threads);
 void rms_norm_f32(const float *x, const float *residual, float *residual_out,
                   const float *weight, float *out, int64_t rows, int64_t hidden, float eps,
                   int num_threads);

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kernels import cpu_decode_layer as fused
+from kernels import cpu_w4a8
 from tests.integration.test_engine_vs_hf import PROMPTS, engine_greedy, hf_greedy
 from worker.config import EngineConfig
 from worker.engine import Engine
@@ -63,12 +64,18 @@ def test_fused_short_prefill_and_mixed_steps(kind: str, tiny_model_dir, fused_ca
 
 @pytest.mark.parametrize(("dtype", "quantization"), [
     ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8"), ("float32", "int4"),
-    ("bfloat16", "int4")])
+    ("bfloat16", "int4"), ("float32", "w4a8"), ("bfloat16", "w4a8")])
 def test_fused_equals_unfused(dtype: str, quantization: str | None, tiny_model_dir, fused_calls,
                               monkeypatch) -> None:
     path = tiny_model_dir("qwen2")  # QKV bias: the fused layer adds it in the model dtype
     kw = dict(dtype=dtype, quantization=quantization, quant_group_size=32)
-    with_fused = engine_greedy(_engine(path, **kw), BATCH, tag="f")
+    if quantization == "w4a8" and not cpu_w4a8.available():
+        pytest.skip("needs AVX512-VNNI")
+    engine = _engine(path, **kw)
+    if quantization == "w4a8":  # the integer dot-product layout in the fused layer
+        specs = [layer.fused_spec() for layer in engine.runner.model.model.layers]
+        assert all(s.struct.qkv.kind == fused.LIN_W4A8 for s in specs)
+    with_fused = engine_greedy(engine, BATCH, tag="f")
     assert fused_calls[0] > 0
     monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
     without = engine_greedy(_engine(path, **kw), BATCH, tag="u")

@@ -87,3 +87,20 @@ def test_quantized_engine_runs_in_bf16(tiny_model_dir, mode: str) -> None:
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 activations add ~1e-2 relative rounding on top of the weight rounding.
     assert rel(got, want) < QUALITY[mode] + 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w4a8_engine_tracks_int4(tiny_model_dir, dtype: str) -> None:
+    """w4a8 runs the int4 weights by integer dot products (x in two int8 planes, ~15 bits),
+    scales in fp16 and the LM head in 8 bits per group of 32: its logits stay next to the int4
+    engine's, whose activations are float and whose head is the float one."""
+    from kernels import cpu_w4a8
+
+    if not cpu_w4a8.available():
+        pytest.skip("needs AVX512-VNNI")
+    src = tiny_model_dir("llama-gqa")
+    w4a8, int4 = make(src, "w4a8", dtype), make(src, "int4", dtype)
+    assert "w4a8" in w4a8.runner.weight_format
+    got, ref = logits(w4a8), logits(int4)
+    assert rel(got, ref) < (0.01 if dtype == "float32" else 0.03)
+    assert rel(got, logits(make(src, None, dtype))) < QUALITY["int4"]

@@ -38,7 +38,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None,
                    help="where the default model and converted GGUF files are kept "
                         "(default: ~/.cache/tandem)")
-    g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "w4a8", "gguf"],
                    help="weight-only: int8 per channel, int4 group-wise, or gguf (keep a .gguf "
                         "model's Q4_0/Q4_1/Q8_0 blocks); GPTQ/AWQ folders need no flag")
     g.add_argument("--quant-group-size", type=int, default=None,
@@ -54,12 +54,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--speculative", default=None,
                     choices=["ngram", "eagle", "draft", "pool"],
                     help="ngram: prompt lookup; eagle: a one-layer head drafting from the "
-                         "target's hidden states; draft: a draft model in the engine; pool: "
-                         "draft-model Ray actors shared by all replicas (default: off)")
+                         "target's hidden states; draft: a draft model in the engine (by "
+                         "default the target's own weights in w4a8); pool: draft-model Ray "
+                         "actors shared by all replicas (default: off)")
     sp.add_argument("--draft-model", default=None,
                     help="eagle: head folder (default: the one shipped for the default model; "
                          "bench/train_eagle.py trains one); draft/pool: draft model folder (a "
-                         "small model sharing the target's tokenizer; bench/train_draft.py)")
+                         "small model sharing the target's tokenizer; default: the target "
+                         "itself)")
+    sp.add_argument("--draft-quantization", default=None, choices=["int8", "int4", "w4a8"],
+                    help="draft/pool: the draft's weight format (default: w4a8 for the "
+                         "target's own weights, as stored for a --draft-model)")
     sp.add_argument("--num-speculative-tokens", type=int, default=None,
                     help="most tokens proposed per step (default 8; adapts to acceptance)")
     sp.add_argument("--draft-replicas", type=int, default=None,
@@ -100,7 +105,16 @@ def _make_llm(args: argparse.Namespace):
                tensor_parallel_size=args.tp or 1, pipeline_parallel_size=args.pp or 1,
                pipeline_layers=args.pp_layers, speculative=args.speculative,
                draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-               draft_replicas=args.draft_replicas, speculative_options=args.speculative_config)
+               draft_replicas=args.draft_replicas,
+               speculative_options=_speculative_options(args))
+
+
+def _speculative_options(args: argparse.Namespace) -> dict | None:
+    """--speculative-config with the flags that have no LLM argument of their own."""
+    options = dict(args.speculative_config or {})
+    if args.draft_quantization is not None:
+        options["draft_quantization"] = args.draft_quantization
+    return options or None
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -220,6 +234,7 @@ _SERVE_FLAGS: dict[str, tuple[str, ...]] = {
     "draft_model": ("engine", "speculative", "draft_model"),
     "num_speculative_tokens": ("engine", "speculative", "num_speculative_tokens"),
     "draft_replicas": ("engine", "speculative", "draft_replicas"),
+    "draft_quantization": ("engine", "speculative", "draft_quantization"),
 }
 
 

@@ -8,7 +8,6 @@ from cluster.cli import build_parser, serve_overrides
 from cluster.serve_config import build_serve_config
 from cluster.speculative import speculative_config
 from protos.messages import SamplingParams
-from worker.config import ConfigError
 
 
 def test_serve_flags_fill_engine_speculative():
@@ -66,8 +65,6 @@ def test_llm_with_ngram_matches_plain(tiny_model_dir):
     plain = [o.token_ids for o in LLM(model, **kw).generate(prompts, params)]
     llm = LLM(model, speculative="ngram", num_speculative_tokens=3, **kw)
     assert [o.token_ids for o in llm.generate(prompts, params)] == plain
-    with pytest.raises(ConfigError, match="--draft-model"):
-        LLM(model, speculative="draft", **kw)
 
 
 def test_llm_refuses_a_draft_pool_with_parallelism(tiny_model_dir):

@@ -31,7 +31,7 @@ from worker.sampler import draw
 from worker.scheduler import SchedulerOutput
 from worker.spec.config import SpeculativeConfig
 from worker.spec.messages import DraftBatch, DraftProposal, DraftQuery, DraftReply
-from worker.spec.processing import RowContext, penalized, probabilities
+from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class DraftWorker:
         model_dir = Path(model_dir)
         self.config = EngineConfig(
             model=str(model_dir), dtype=spec.draft_dtype, device=device,
+            quantization=spec.draft_format,
             kv_cache_bytes=spec.draft_kv_cache_bytes, block_size=_BLOCK_SIZE,
             enable_prefix_caching=False, max_num_batched_tokens=_WARM_TOKENS,
             num_threads=num_threads)
@@ -75,7 +76,7 @@ class DraftWorker:
         self.max_len = min(self.model_config.max_position_embeddings,
                            self.runner.num_blocks * _BLOCK_SIZE)
         self.target_vocab_size = target_vocab_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = draft_generator(seed)
         self._load_vocab(model_dir)
         self.states: OrderedDict[str, DraftState] = OrderedDict()  # LRU order
         self._step = 0

@@ -23,13 +23,11 @@ SPEC_STEP_TOKENS_AMX = 16
 
 
 def resolve_draft_model(config: SpeculativeConfig, target_dir: str | Path) -> Path:
-    """No draft ships with Tandem (the one bench/train_draft.py makes for SmolLM2 lost to
-    n-gram lookup here; docs in the module), so draft and pool need --draft-model."""
-    if config.draft_model is None:
-        raise ConfigError(f"speculative method {config.method!r} needs a draft model: give "
-                          f"--draft-model DIR (a small model with {Path(target_dir).name}'s "
-                          "tokenizer; bench/train_draft.py makes one)")
-    return Path(config.draft_model)
+    """The draft's folder: --draft-model, else the target's own (a self-draft, which runs in
+    config.draft_format: w4a8 unless set). A separately trained small draft lost to n-gram
+    lookup here (bench/train_draft.py); the target's own weights in w4a8 agree with it ~96% of
+    the time at a quarter of its cost per token (docs/speculative.md)."""
+    return Path(config.draft_model) if config.draft_model else Path(target_dir)
 
 
 def build_eagle(config: SpeculativeConfig, engine: Any) -> Proposer:
@@ -83,8 +81,14 @@ def build_proposer(config: SpeculativeConfig, engine: Any,
     if config.method == "eagle":
         return build_eagle(config, engine)
     if config.method == "draft":
+        from worker.parallel_runner import ParallelRunner
         from worker.spec.draft_proposer import DraftModelProposer
         from worker.spec.draft_worker import DraftWorker
+        from worker.spec.self_draft import SelfDraftProposer
+
+        if config.draft_model is None and not isinstance(engine.runner, ParallelRunner):
+            return SelfDraftProposer(engine.runner, config.draft_format, engine.eos_token_ids,
+                                     seed=engine.config.seed)
 
         worker = DraftWorker(resolve_draft_model(config, engine.config.model), config,
                              target_vocab_size=engine.model_config.vocab_size,

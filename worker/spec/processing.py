@@ -77,3 +77,15 @@ class RowProbabilities:
         if row is None:
             row = self._rows[r] = probabilities(self.logits[r:r + 1], self.params)[0]
         return row
+
+
+# Added to the engine's seed for a draft's own generator (see draft_generator).
+DRAFT_SEED_OFFSET = 0x5EED_D4AF
+
+
+def draft_generator(seed: int) -> torch.Generator:
+    """The generator a draft model samples its proposals with. Not the sampler's: seeded alike,
+    the two streams ran in step, so the verifier's uniform for a token was the very number the
+    draft had drawn it with; acceptance then depended on the draw, and sampled outputs of a
+    draft model left the target's distribution (tests/spec/test_self_draft.py)."""
+    return torch.Generator().manual_seed(seed + DRAFT_SEED_OFFSET)

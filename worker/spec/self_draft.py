@@ -1,0 +1,121 @@
+"""SelfDraftProposer: the target's own weights, quantized, drafting over the target's KV cache.
+
+A draft trained apart agreed with SmolLM2 too rarely (bench/train_draft.py), but the target's
+own weights in w4a8 (int4 by integer dot products, int8 LM head: kernels/cpu_w4a8.py) propose
+its greedy token ~80-100% of the time at about a third of a bf16 decode's cost here.
+
+It needs no KV cache of its own, and so no catch-up over the prompt or over what the target
+accepted: its layers are bound to the target's cache tensors and read the target's K/V for
+every committed position, which is also closer to what the target will compute than a copy the
+draft made itself. A proposal for a sequence with n committed tokens runs k steps at
+positions n-1 .. n+k-2, writing K/V into slots the scheduler reserved for the verify, which
+then overwrites all of them with the target's own. Nothing is left to roll back.
+
+The sequences of a step draft in lockstep: one forward per proposed position for all rows.
+Tensor and pipeline parallel engines have no cache in this process to share: `draft` there
+uses a DraftWorker with the same weights and a cache of its own (worker/spec/factory.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from protos.messages import StepPlan
+from worker.config import EngineConfig
+from worker.model_runner import ModelRunner
+from worker.sampler import draw
+from worker.sequence import Sequence
+from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
+from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
+
+
+class SelfDraftProposer(Proposer):
+    name = "draft"
+
+    def __init__(self, target: ModelRunner, quantization: str, eos_token_ids: list[int], *,
+                 seed: int = 0) -> None:
+        tc = target.config
+        # The warm-up of a runner prefills max_num_batched_tokens tokens; a draft only ever
+        # runs a few rows, so it warms up on a handful and gets a one-block cache, rebound below.
+        config = EngineConfig(model=tc.model, dtype=str(target.dtype).removeprefix("torch."),
+                              device=tc.device, block_size=tc.block_size,
+                              kv_cache_bytes=target.block_bytes, enable_prefix_caching=False,
+                              max_num_batched_tokens=16, num_threads=tc.num_threads,
+                              quantization=quantization, quant_group_size=tc.quant_group_size)
+        self.runner = ModelRunner(config, target.model_config, Path(tc.model))
+        for mine, theirs in zip(self.runner.attn_layers, target.attn_layers, strict=True):
+            mine.bind_cache(theirs.k_cache, theirs.v_cache)
+        _share_embedding(self.runner.model, target.model)
+        self.block_size = tc.block_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = draft_generator(seed)
+        self._step = 0
+
+    @property
+    def weight_format(self) -> str:
+        return self.runner.weight_format
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        out: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = [i for i, (seq, k) in enumerate(zip(seqs, ks))
+                if k > 0 and seq.num_computed_tokens + 1 == seq.num_tokens]
+        for r in range(max((ks[i] for i in live), default=0)):
+            rows = [i for i in live if ks[i] > r]
+            if not rows:
+                break
+            logits = self.runner.execute(self._plan(seqs, out, rows))
+            for j, i in enumerate(rows):
+                token, q = self._choose(logits[j], seqs[i], out[i])
+                out[i].append(token)
+                if q is not None:
+                    probs[i].append(q)
+            # a draft that ended its text stops there (the verify checks the end itself)
+            live = [i for i in rows if seqs[i].params.ignore_eos
+                    or out[i][-1] not in self.eos_token_ids]
+        return [Proposal(tokens, torch.stack(probs[i]) if probs[i] else None) if tokens
+                else NO_PROPOSAL for i, tokens in enumerate(out)]
+
+    def _plan(self, seqs: list[Sequence], out: list[list[int]], rows: list[int]) -> StepPlan:
+        """One token per row: the last committed token, then each proposal in turn, at its
+        position, with its slot in the sequence's (lookahead-reserved) blocks."""
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for i in rows:
+            seq = seqs[i]
+            pos = seq.num_tokens - 1 + len(out[i])
+            ids.append(out[i][-1] if out[i] else seq.token_ids[-1])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            tables.append(seq.block_table)
+        self._step += 1
+        n = len(rows)
+        return StepPlan(self._step, ids, positions, slots, list(range(n + 1)), lens, tables,
+                        list(range(n)))
+
+    def _choose(self, row: torch.Tensor, seq: Sequence,
+                drafted: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The next proposal and, for sampled requests, the distribution it was drawn from,
+        processed as the target's will be (penalties over the text so far included)."""
+        p = seq.params
+        if p.greedy and not (p.has_penalties or p.min_tokens):
+            return int(row.argmax()), None
+        ctx = RowContext(p, seq.token_ids + drafted, seq.num_prompt_tokens)
+        logits = penalized(row.float().unsqueeze(0), [ctx], self.eos_token_ids)
+        if p.greedy:
+            return int(logits.argmax()), None
+        dist = probabilities(logits, p)[0]
+        return draw(dist, self.generator), dist
+
+
+def _share_embedding(draft: torch.nn.Module, target: torch.nn.Module) -> None:
+    """The draft's float embedding is the target's: one copy of 49152 x 576 is enough (its LM
+    head, quantized, is its own)."""
+    mine = draft.model.embed_tokens
+    theirs = target.model.embed_tokens
+    if mine.weight.shape == theirs.weight.shape and mine.weight.dtype == theirs.weight.dtype:
+        mine.weight = theirs.weight

@@ -76,6 +76,16 @@ def test_self_draft_with_prefix_hits_and_preemption(model, baseline) -> None:
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
+def test_ngram_lookup_before_the_self_draft_is_exact(model, baseline) -> None:
+    spec = SpeculativeConfig(method="draft", num_speculative_tokens=4, draft_ngram_min_tokens=2)
+    eng = make_engine(model, spec)
+    assert run(eng) == baseline
+    counts = eng.spec.proposer.proposals
+    assert counts["ngram"] > 0 and counts["draft"] > 0  # the repetitive prompts take the lookup
+    off = make_engine(model, msgspec.structs.replace(spec, draft_ngram_min_tokens=0))
+    assert run(off) == baseline and off.spec.proposer.proposals["ngram"] == 0
+
+
 def test_self_draft_in_bf16_and_through_llm(model) -> None:
     from cluster.llm import LLM
 

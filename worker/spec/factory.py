@@ -87,8 +87,11 @@ def build_proposer(config: SpeculativeConfig, engine: Any,
         from worker.spec.self_draft import SelfDraftProposer
 
         if config.draft_model is None and not isinstance(engine.runner, ParallelRunner):
+            ngram = NgramProposer(config.ngram_min, config.ngram_max) \
+                if config.draft_ngram_min_tokens else None
             return SelfDraftProposer(engine.runner, config.draft_format, engine.eos_token_ids,
-                                     seed=engine.config.seed)
+                                     seed=engine.config.seed, ngram=ngram,
+                                     ngram_min_tokens=config.draft_ngram_min_tokens)
 
         worker = DraftWorker(resolve_draft_model(config, engine.config.model), config,
                              target_vocab_size=engine.model_config.vocab_size,

@@ -12,6 +12,8 @@ positions n-1 .. n+k-2, writing K/V into slots the scheduler reserved for the ve
 then overwrites all of them with the target's own. Nothing is left to roll back.
 
 The sequences of a step draft in lockstep: one forward per proposed position for all rows.
+As EAGLE does, the n-gram lookup is asked first: where the text copies itself (lists, quotes,
+code) a long match costs nothing and is right about as often.
 Tensor and pipeline parallel engines have no cache in this process to share: `draft` there
 uses a DraftWorker with the same weights and a cache of its own (worker/spec/factory.py).
 """
@@ -28,14 +30,15 @@ from worker.model_runner import ModelRunner
 from worker.sampler import draw
 from worker.sequence import Sequence
 from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
-from worker.spec.proposer import NO_PROPOSAL, Proposal, Proposer
+from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
 
 
 class SelfDraftProposer(Proposer):
     name = "draft"
 
     def __init__(self, target: ModelRunner, quantization: str, eos_token_ids: list[int], *,
-                 seed: int = 0) -> None:
+                 seed: int = 0, ngram: NgramProposer | None = None,
+                 ngram_min_tokens: int = 6) -> None:
         tc = target.config
         # The warm-up of a runner prefills max_num_batched_tokens tokens; a draft only ever
         # runs a few rows, so it warms up on a handful and gets a one-block cache, rebound below.
@@ -51,6 +54,9 @@ class SelfDraftProposer(Proposer):
         self.block_size = tc.block_size
         self.eos_token_ids = list(eos_token_ids)
         self.generator = draft_generator(seed)
+        self.ngram = ngram
+        self.ngram_min_tokens = ngram_min_tokens
+        self.proposals = {"draft": 0, "ngram": 0}  # non-empty proposals by source
         self._step = 0
 
     @property
@@ -61,8 +67,19 @@ class SelfDraftProposer(Proposer):
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
         out: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        live = [i for i, (seq, k) in enumerate(zip(seqs, ks))
-                if k > 0 and seq.num_computed_tokens + 1 == seq.num_tokens]
+        found: dict[int, Proposal] = {}
+        live = []
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            if k <= 0 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                continue
+            if self.ngram is not None:
+                tokens = self.ngram.model_for(seq).rollout(seq.token_ids, k)
+                if len(tokens) >= self.ngram_min_tokens:
+                    found[i] = Proposal(tokens)
+                    continue
+            live.append(i)
+        self.proposals["ngram"] += len(found)
+        self.proposals["draft"] += len(live)
         for r in range(max((ks[i] for i in live), default=0)):
             rows = [i for i in live if ks[i] > r]
             if not rows:
@@ -76,8 +93,13 @@ class SelfDraftProposer(Proposer):
             # a draft that ended its text stops there (the verify checks the end itself)
             live = [i for i in rows if seqs[i].params.ignore_eos
                     or out[i][-1] not in self.eos_token_ids]
-        return [Proposal(tokens, torch.stack(probs[i]) if probs[i] else None) if tokens
+        return [found[i] if i in found else
+                Proposal(tokens, torch.stack(probs[i]) if probs[i] else None) if tokens
                 else NO_PROPOSAL for i, tokens in enumerate(out)]
+
+    def free(self, seq: Sequence) -> None:
+        if self.ngram is not None:
+            self.ngram.free(seq)
 
     def _plan(self, seqs: list[Sequence], out: list[list[int]], rows: list[int]) -> StepPlan:
         """One token per row: the last committed token, then each proposal in turn, at its

@@ -49,8 +49,9 @@ class LLM:
         speculative_options: dict[str, Any] | None = None,
     ) -> None:
         """`speculative`: "ngram", "eagle" (a head drafting from the target's hidden states),
-        "draft" (in-process draft model) or "pool" (draft-model Ray
-        actors; a local Ray is started unless one is connected); see worker/spec/.
+        "draft" (in-process draft model; without `draft_model` the target's own weights in
+        w4a8 over its KV cache) or "pool" (draft-model Ray actors; a local Ray is started
+        unless one is connected); see worker/spec/.
         `speculative_options`: any other SpeculativeConfig field, e.g.
         {"eagle_tree_width": 1} (worker/spec/config.py)."""
         self.model_dir = resolve_model(model, Path(cache_dir) if cache_dir else None)

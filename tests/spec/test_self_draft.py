@@ -16,6 +16,7 @@ from tests.spec.test_spec_sampling import CHI2_999, chi_square
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.spec.config import SpeculativeConfig
+from worker.spec.rescored_head import RescoredHead
 from worker.spec.self_draft import SelfDraftProposer
 
 pytestmark = pytest.mark.skipif(not cpu_w4a8.available(), reason="needs AVX512-VNNI")
@@ -54,6 +55,7 @@ def test_self_draft_is_exact_and_shares_the_cache(model, baseline, k) -> None:
     eng = make_engine(model, SpeculativeConfig(method="draft", num_speculative_tokens=k))
     proposer = eng.spec.proposer
     assert isinstance(proposer, SelfDraftProposer) and "w4a8" in proposer.weight_format
+    assert isinstance(proposer.runner.model.lm_head, RescoredHead)
     for mine, theirs in zip(proposer.runner.attn_layers, eng.runner.attn_layers, strict=True):
         assert mine.k_cache is theirs.k_cache and mine.v_cache is theirs.v_cache
     assert run(eng) == baseline
@@ -84,6 +86,24 @@ def test_ngram_lookup_before_the_self_draft_is_exact(model, baseline) -> None:
     assert counts["ngram"] > 0 and counts["draft"] > 0  # the repetitive prompts take the lookup
     off = make_engine(model, msgspec.structs.replace(spec, draft_ngram_min_tokens=0))
     assert run(off) == baseline and off.spec.proposer.proposals["ngram"] == 0
+
+
+def test_the_draft_head_picks_what_the_float_head_picks() -> None:
+    """4-bit logits for all rows, the best candidates recomputed from the float rows: the
+    argmax is the float head's wherever it is among them (here always), with its exact logit;
+    4 bits alone flip some."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(512, 64, generator=gen) * 0.05
+    hidden = torch.randn(64, 64, generator=gen)
+    exact = hidden @ rows.T
+    head = RescoredHead(rows, vocab_size=500, candidates=8)
+    got = head.compute_logits(hidden)
+    assert got.shape == (64, 500)
+    want = exact[:, :500].argmax(-1)
+    assert torch.equal(got.argmax(-1), want)
+    torch.testing.assert_close(got.gather(-1, want[:, None]), exact.gather(-1, want[:, None]))
+    coarse = RescoredHead(rows, vocab_size=500, candidates=1).compute_logits(hidden)
+    assert not torch.equal(coarse.argmax(-1), want)
 
 
 def test_self_draft_in_bf16_and_through_llm(model) -> None:

@@ -49,6 +49,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # agrees with the target ~90% of the time, a short match far less often (3 cost chat
     # 1.94x -> 1.81x; 6 kept chat and took Austen 1.94x -> 2.31x, the copy task 1.72x -> 1.95x)
     draft_ngram_min_tokens: int = 6
+    # draft, the target's own weights in w4a8: its LM head in 4 bits with this many best
+    # candidates rescored from the target's float head (worker/spec/rescored_head.py); 0: the
+    # 8-bit head w4a8 gives any model
+    draft_head_candidates: int = 16
     # eagle: draft a token tree this wide (each node's likeliest next tokens), verified in one
     # forward (worker/spec/tree.py); 1: a chain. Sampled requests walk it by rejection
     # sampling; tensor or pipeline parallel engines verify its first branch.
@@ -107,6 +111,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
              f"eagle_tree_width must be in [1, 8] (got {self.eagle_tree_width})")
         need(0 <= self.eagle_tree_min_prob < 1, "eagle_tree_min_prob must be in [0, 1)")
         need(0 <= self.eagle_tree_keep_prob < 1, "eagle_tree_keep_prob must be in [0, 1)")
+        need(self.draft_head_candidates >= 0,
+             f"draft_head_candidates must be >= 0 (got {self.draft_head_candidates})")
         need(self.eagle_ngram_min_tokens >= 0 and self.draft_ngram_min_tokens >= 0,
              "eagle_ngram_min_tokens and draft_ngram_min_tokens must be >= 0 (got "
              f"{self.eagle_ngram_min_tokens}, {self.draft_ngram_min_tokens})")

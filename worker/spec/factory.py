@@ -91,7 +91,8 @@ def build_proposer(config: SpeculativeConfig, engine: Any,
                 if config.draft_ngram_min_tokens else None
             return SelfDraftProposer(engine.runner, config.draft_format, engine.eos_token_ids,
                                      seed=engine.config.seed, ngram=ngram,
-                                     ngram_min_tokens=config.draft_ngram_min_tokens)
+                                     ngram_min_tokens=config.draft_ngram_min_tokens,
+                                     head_candidates=config.draft_head_candidates)
 
         worker = DraftWorker(resolve_draft_model(config, engine.config.model), config,
                              target_vocab_size=engine.model_config.vocab_size,

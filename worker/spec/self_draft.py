@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu_w4a8
 from protos.messages import StepPlan
 from worker.config import EngineConfig
 from worker.model_runner import ModelRunner
@@ -31,6 +32,7 @@ from worker.sampler import draw
 from worker.sequence import Sequence
 from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
+from worker.spec.rescored_head import CANDIDATES, RescoredHead, float_head_rows
 
 
 class SelfDraftProposer(Proposer):
@@ -38,7 +40,7 @@ class SelfDraftProposer(Proposer):
 
     def __init__(self, target: ModelRunner, quantization: str, eos_token_ids: list[int], *,
                  seed: int = 0, ngram: NgramProposer | None = None,
-                 ngram_min_tokens: int = 6) -> None:
+                 ngram_min_tokens: int = 6, head_candidates: int = CANDIDATES) -> None:
         tc = target.config
         # The warm-up of a runner prefills max_num_batched_tokens tokens; a draft only ever
         # runs a few rows, so it warms up on a handful and gets a one-block cache, rebound below.
@@ -51,6 +53,11 @@ class SelfDraftProposer(Proposer):
         for mine, theirs in zip(self.runner.attn_layers, target.attn_layers, strict=True):
             mine.bind_cache(theirs.k_cache, theirs.v_cache)
         _share_embedding(self.runner.model, target.model)
+        rows = float_head_rows(target.model)
+        if (head_candidates and quantization == "w4a8" and rows is not None
+                and rows.device.type == "cpu" and cpu_w4a8.available()):
+            self.runner.model.lm_head = RescoredHead(rows, target.model_config.vocab_size,
+                                                     head_candidates)
         self.block_size = tc.block_size
         self.eos_token_ids = list(eos_token_ids)
         self.generator = draft_generator(seed)

@@ -78,6 +78,18 @@ def test_self_draft_with_prefix_hits_and_preemption(model, baseline) -> None:
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
+def test_penalties_and_min_tokens_apply_to_the_draft_as_to_the_target(model) -> None:
+    """Greedy with a repetition penalty: the draft penalizes its own proposals as the target
+    will (worker/spec/processing.py), and the output is plain decoding's."""
+    sampling = greedy(20, repetition_penalty=1.3, presence_penalty=0.4, min_tokens=5)
+    plain = run(make_engine(model, None), sampling)
+    eng = make_engine(model, SpeculativeConfig(method="draft", num_speculative_tokens=4,
+                                               draft_ngram_min_tokens=0))
+    assert run(eng, sampling) == plain
+    m = eng.spec.metrics
+    assert m.accepted_tokens >= 0.25 * m.proposed_tokens > 0
+
+
 def test_ngram_lookup_before_the_self_draft_is_exact(model, baseline) -> None:
     spec = SpeculativeConfig(method="draft", num_speculative_tokens=4, draft_ngram_min_tokens=2)
     eng = make_engine(model, spec)

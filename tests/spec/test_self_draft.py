@@ -16,7 +16,7 @@ from tests.spec.test_spec_sampling import CHI2_999, chi_square
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.spec.config import SpeculativeConfig
-from worker.spec.rescored_head import RescoredHead
+from worker.spec.rescored_head import RescoredHead, top_candidates
 from worker.spec.self_draft import SelfDraftProposer
 
 pytestmark = pytest.mark.skipif(not cpu_w4a8.available(), reason="needs AVX512-VNNI")
@@ -116,6 +116,18 @@ def test_the_draft_head_picks_what_the_float_head_picks() -> None:
     torch.testing.assert_close(got.gather(-1, want[:, None]), exact.gather(-1, want[:, None]))
     coarse = RescoredHead(rows, vocab_size=500, candidates=1).compute_logits(hidden)
     assert not torch.equal(coarse.argmax(-1), want)
+
+
+@pytest.mark.parametrize("vocab", [49152, 5000, 300])
+def test_top_candidates_are_topks(vocab) -> None:
+    """The block-wise search finds the same set as torch.topk (ties included: repeated
+    values), with vocabularies that leave a partial block and one small enough for topk."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=gen).round(decimals=1)
+    got = top_candidates(logits, 16)
+    want = logits.topk(16, dim=-1).values
+    assert torch.equal(logits.gather(1, got).sort(-1).values, want.sort(-1).values)
+    assert all(len(set(r)) == 16 for r in got.tolist())
 
 
 def test_self_draft_in_bf16_and_through_llm(model) -> None:

@@ -21,6 +21,7 @@ from kernels import cpu_linear, cpu_w4a8
 from worker.quant.linear import quantize_int4_minmax
 
 CANDIDATES = 16
+_BLOCK = 64  # top_candidates looks at the best blocks of this many logits first
 
 
 class RescoredHead(nn.Module):
@@ -36,10 +37,30 @@ class RescoredHead(nn.Module):
         self.candidates = min(candidates, rows.shape[0])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = cpu_w4a8.linear(hidden, self.weights, self.scales, self.rows.shape[0]).float()
-        top = logits.topk(self.candidates, dim=-1).indices  # [n, c]
-        exact = torch.einsum("nh,nch->nc", hidden.float(), self.rows[top].float())
+        x = hidden.reshape(-1, hidden.shape[-1]).float()  # fp32 in, fp32 logits out
+        logits = cpu_w4a8.linear(x, self.weights, self.scales, self.rows.shape[0])
+        top = top_candidates(logits, self.candidates)  # [n, c]
+        exact = torch.bmm(self.rows[top].float(), x.unsqueeze(-1)).squeeze(-1)
         return logits.scatter_(-1, top, exact)[..., :self.vocab_size]
+
+
+def top_candidates(logits: torch.Tensor, c: int) -> torch.Tensor:
+    """The indices of the c largest logits per row [n, V] (in no particular order).
+
+    torch.topk over 49152 logits took 0.21 ms, a twentieth of a drafted token. The c largest
+    lie in the c blocks of _BLOCK with the largest maxima (each block holding one of them has a
+    maximum at least the c-th largest value, and at most c blocks do), so the search runs over
+    the blocks' maxima and then over c blocks."""
+    n, vocab = logits.shape
+    if vocab < 4 * c * _BLOCK:
+        return logits.topk(c, dim=-1).indices
+    pad = -vocab % _BLOCK
+    padded = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")) if pad else logits
+    blocks = padded.view(n, -1, _BLOCK)
+    best = blocks.amax(-1).topk(c, dim=-1).indices  # [n, c]
+    index = (best.unsqueeze(-1) * _BLOCK + torch.arange(_BLOCK)).view(n, -1)  # [n, c * B]
+    pick = padded.gather(1, index).topk(c, dim=-1).indices
+    return index.gather(1, pick)
 
 
 def float_head_rows(model: nn.Module) -> torch.Tensor | None:

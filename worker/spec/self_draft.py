@@ -12,8 +12,8 @@ positions n-1 .. n+k-2, writing K/V into slots the scheduler reserved for the ve
 then overwrites all of them with the target's own. Nothing is left to roll back.
 
 The sequences of a step draft in lockstep: one forward per proposed position for all rows.
-As EAGLE does, the n-gram lookup is asked first: where the text copies itself (lists, quotes,
-code) a long match costs nothing and is right about as often.
+With `draft_ngram_min_tokens`, the n-gram lookup is asked first, as EAGLE does; off by
+default: the draft is right more often than a match, even a long one (docs/speculative.md).
 Tensor and pipeline parallel engines have no cache in this process to share: `draft` there
 uses a DraftWorker with the same weights and a cache of its own (worker/spec/factory.py).
 """
@@ -40,7 +40,7 @@ class SelfDraftProposer(Proposer):
 
     def __init__(self, target: ModelRunner, quantization: str, eos_token_ids: list[int], *,
                  seed: int = 0, ngram: NgramProposer | None = None,
-                 ngram_min_tokens: int = 6, head_candidates: int = CANDIDATES) -> None:
+                 ngram_min_tokens: int = 0, head_candidates: int = CANDIDATES) -> None:
         tc = target.config
         # The warm-up of a runner prefills max_num_batched_tokens tokens; a draft only ever
         # runs a few rows, so it warms up on a handful and gets a one-block cache, rebound below.

@@ -30,9 +30,10 @@ class RescoredHead(nn.Module):
         """`rows`: the target's float LM head weight [V, hidden] (kept by reference)."""
         super().__init__()
         packed, scales, zeros = quantize_int4_minmax(rows, cpu_w4a8.GROUP)
-        self.weights, self.scales = cpu_w4a8.pack(packed, cpu_linear.int4_scale_min(scales,
-                                                                                   zeros))
-        self.rows = rows
+        weights, scales = cpu_w4a8.pack(packed, cpu_linear.int4_scale_min(scales, zeros))
+        self.register_buffer("weights", weights)
+        self.register_buffer("scales", scales)
+        self.rows = rows  # the target's: not this module's weight
         self.vocab_size = vocab_size
         self.candidates = min(candidates, rows.shape[0])
 

@@ -68,6 +68,10 @@ class SelfDraftProposer(Proposer):
 
     @property
     def weight_format(self) -> str:
+        head = self.runner.model.lm_head
+        if isinstance(head, RescoredHead):
+            return (f"{self.runner.weight_format.split(', LM head')[0]}, LM head int4 with "
+                    f"{head.candidates} candidates rescored from the target's")
         return self.runner.weight_format
 
     @torch.inference_mode()

@@ -20,6 +20,7 @@ uses a DraftWorker with the same weights and a cache of its own (worker/spec/fac
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ from worker.sequence import Sequence
 from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
 from worker.spec.rescored_head import CANDIDATES, RescoredHead, float_head_rows
+
+log = logging.getLogger(__name__)
 
 
 class SelfDraftProposer(Proposer):
@@ -65,6 +68,10 @@ class SelfDraftProposer(Proposer):
         self.ngram_min_tokens = ngram_min_tokens
         self.proposals = {"draft": 0, "ngram": 0}  # non-empty proposals by source
         self._step = 0
+        shared = self.runner.model.model.embed_tokens.weight
+        own = self.runner.weight_bytes() - shared.numel() * shared.element_size()
+        log.info("speculative draft: the target's own weights, %s, %.1f MiB of its own; KV "
+                 "cache and embedding shared with the target", self.weight_format, own / 2**20)
 
     @property
     def weight_format(self) -> str:

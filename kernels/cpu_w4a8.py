@@ -1,9 +1,10 @@
 """CPU binding of kernels/csrc/w4a8_linear.c: int4 weights against int8 activations.
 
-The weights are Tandem's int4 (groups of 32 along K, W = q * scale + min); x is split into two
-int8 planes per group of 32 and row inside the call (~15 bits), and AVX512-VNNI integer dot
-products do the work at about a third of the int4 kernel's instructions. `pack` turns the int4 layout into this
-kernel's (blocks of 16 rows, see the C file); `reference` is the same arithmetic in torch.
+The weights are Tandem's int4 (groups of 32 along K, W = q * scale + min), or 8-bit codes for
+an LM head; x is split into two int8 planes per group of 32 and row inside the call (~15 bits),
+and AVX512-VNNI integer dot products do the work at about a third of the int4 kernel's
+instructions. `pack` / `pack8` lay weights out for the kernel (blocks of 16 rows, see the C
+file); `reference` is the same arithmetic in torch.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import msgspec
 from worker.spec.config import SpeculativeConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-# int8: per output channel; int4: group-wise with zero points; w4a8: int4 in groups of 32, LM
-# head included, against activations rounded to int8 (integer dot products on CPUs with
-# AVX512-VNNI; elsewhere it runs as int4): the fastest format here, and the self-draft's;
+# int8: per output channel; int4: group-wise with zero points; w4a8: int4 in groups of 32 by
+# integer dot products against activations split into two int8 planes, LM head in 8 bits (CPUs
+# with AVX512-VNNI; elsewhere int4 with an int8 head): the fastest format here, the self-draft's;
 # gguf: keep the Q4_0/Q4_1/Q8_0 blocks of the .gguf the model was converted from. GPTQ/AWQ
 # checkpoints need none of these: their config.json says how they are quantized.
 Quantization = Literal["int8", "int4", "w4a8", "gguf"]

@@ -89,32 +89,21 @@ def _need_amx() -> None:
         pytest.skip("AMX is not available here: fused steps stop at 8 tokens")
 
 
-def test_bf16_steps_of_up_to_16_tokens_run_fused_with_amx(tiny_model_dir, fused_calls,
-                                                          monkeypatch) -> None:
-    """With AMX the bf16 matmuls cost the same up to 16 rows, so a 15-token prefill step runs
-    fused too; its tokens equal the unfused path's."""
+@pytest.mark.parametrize("prompts", [
+    [[3, 4, 5, 6, 7], [5, 6, 7, 8], [9, 8, 7, 6, 5, 4]],  # a 15-token prefill step
+    [[(7 * i) % 200 + 3 for i in range(180)], [(11 * i) % 190 + 5 for i in range(120)]],  # 300
+], ids=["15-token-step", "300-token-step"])
+def test_bf16_prefill_steps_run_fused_with_amx(prompts: list[list[int]], tiny_model_dir,
+                                               fused_calls, monkeypatch) -> None:
+    """With AMX the bf16 matmuls cost the same up to 16 rows and run on tiles beyond, so a
+    prefill step of up to MAX_ROWS_AMX tokens (all prompts at once here) takes the fused layer;
+    its tokens equal the unfused path's."""
     _need_amx()
-    prompts = [[3, 4, 5, 6, 7], [5, 6, 7, 8], [9, 8, 7, 6, 5, 4]]
     path = tiny_model_dir("llama-gqa")
     engine = _engine(path, dtype="bfloat16")
     fused_calls[0] = 0  # the start-up warm-up step may run fused too
     with_fused = engine_greedy(engine, prompts, tag="f")
-    assert fused_calls[0] == 2 * (1 + 15), "the 15-token prefill step was not fused"
-    monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
-    assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
-
-
-def test_bf16_prefill_of_hundreds_of_tokens_runs_fused_with_amx(tiny_model_dir, fused_calls,
-                                                               monkeypatch) -> None:
-    """With AMX a prefill chunk of up to MAX_ROWS_AMX tokens takes the fused layer (here one
-    step of 300 tokens over two prompts); its tokens equal the unfused path's."""
-    _need_amx()
-    prompts = [[(7 * i) % 200 + 3 for i in range(180)], [(11 * i) % 190 + 5 for i in range(120)]]
-    path = tiny_model_dir("llama-gqa")
-    engine = _engine(path, dtype="bfloat16")
-    fused_calls[0] = 0  # the start-up warm-up step may run fused too
-    with_fused = engine_greedy(engine, prompts, tag="f")
-    assert fused_calls[0] == 2 * (1 + 15), "the 300-token prefill step was not fused"
+    assert fused_calls[0] == 2 * (1 + 15), "the prefill step was not fused"
     monkeypatch.setattr(LlamaModel, "fused_layers", lambda self, x, meta: None)
     assert with_fused == engine_greedy(_engine(path, dtype="bfloat16"), prompts, tag="u")
 

@@ -182,9 +182,6 @@ class GroupInt8Linear(QuantLinearBase):
     kernel (kernels/cpu_w4a8.py) on CPUs that have it: w4a8's LM head. Quantized at load only,
     tensor-parallel size 1 (the LM head of a w4a8 engine; elsewhere it is an Int8Linear)."""
 
-    def __init__(self, base: LinearBase) -> None:
-        super().__init__(base)
-
     @classmethod
     def from_float(cls, base: LinearBase) -> GroupInt8Linear:
         w = base.weight.data
@@ -211,7 +208,7 @@ class Int4Linear(QuantLinearBase):
 
     With `int8_activations` (quantization "w4a8") and groups of 32 on a CPU with AVX512-VNNI,
     the weight is kept in the integer dot-product kernel's layout instead
-    (kernels/cpu_w4a8.py): x is rounded to int8 per group, ~3x faster at decode.
+    (kernels/cpu_w4a8.py): x goes in as two int8 planes per group, ~2.5x faster at decode.
     """
 
     def __init__(self, base: LinearBase, group_size: int, int8_activations: bool = False) -> None:

@@ -27,11 +27,10 @@ import torch
 from worker.config import EngineConfig, ModelConfig
 from worker.kv.kv_manager import KVManager
 from worker.model_runner import ModelRunner
-from worker.sampler import draw
 from worker.scheduler import SchedulerOutput
 from worker.spec.config import SpeculativeConfig
 from worker.spec.messages import DraftBatch, DraftProposal, DraftQuery, DraftReply
-from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
+from worker.spec.processing import RowContext, draft_choice, draft_generator
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +183,8 @@ class DraftWorker:
         full = torch.full((1, self.target_vocab_size), float("-inf"))
         known = ~self.unknown
         full[0, self.to_target[known]] = row[known]
-        penalized(full, [RowContext(p, st.target_ids, q.num_prompt_tokens)], eos)
-        if p.greedy:
-            return int(full.argmax()), None
-        dist = probabilities(full, p)[0]
-        return draw(dist, self.generator), dist
+        return draft_choice(full, RowContext(p, st.target_ids, q.num_prompt_tokens), eos,
+                            self.generator)
 
     def forget(self, seq_id: str) -> None:
         st = self.states.pop(seq_id, None)

@@ -13,7 +13,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from protos.messages import SamplingParams
-from worker.sampler import apply_penalties, apply_top_k_top_p_min_p
+from worker.sampler import apply_penalties, apply_top_k_top_p_min_p, draw
 
 
 class RowContext:
@@ -77,6 +77,18 @@ class RowProbabilities:
         if row is None:
             row = self._rows[r] = probabilities(self.logits[r:r + 1], self.params)[0]
         return row
+
+
+def draft_choice(logits: torch.Tensor, ctx: RowContext, eos_token_ids: Seq[int],
+                 generator: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """A draft model's next proposal from its fp32 logits [1, V] over the target's vocabulary
+    (edited in place), processed as the target's row will be: the token and, for sampled
+    requests, the distribution q it was drawn from (None for greedy ones)."""
+    penalized(logits, [ctx], eos_token_ids)
+    if ctx.params.greedy:
+        return int(logits.argmax()), None
+    dist = probabilities(logits, ctx.params)[0]
+    return draw(dist, generator), dist
 
 
 # Added to the engine's seed for a draft's own generator (see draft_generator).

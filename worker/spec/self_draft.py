@@ -1,8 +1,9 @@
 """SelfDraftProposer: the target's own weights, quantized, drafting over the target's KV cache.
 
 A draft trained apart agreed with SmolLM2 too rarely (bench/train_draft.py), but the target's
-own weights in w4a8 (int4 by integer dot products, int8 LM head: kernels/cpu_w4a8.py) propose
-its greedy token ~80-100% of the time at about a third of a bf16 decode's cost here.
+own weights in w4a8 (int4 by integer dot products: kernels/cpu_w4a8.py; the LM head in 4 bits
+with its best candidates rescored: rescored_head.py) propose its greedy token ~85-100% of the
+time at about a third of a bf16 decode's cost here.
 
 It needs no KV cache of its own, and so no catch-up over the prompt or over what the target
 accepted: its layers are bound to the target's cache tensors and read the target's K/V for
@@ -29,9 +30,8 @@ from kernels import cpu_w4a8
 from protos.messages import StepPlan
 from worker.config import EngineConfig
 from worker.model_runner import ModelRunner
-from worker.sampler import draw
 from worker.sequence import Sequence
-from worker.spec.processing import RowContext, draft_generator, penalized, probabilities
+from worker.spec.processing import RowContext, draft_choice, draft_generator
 from worker.spec.proposer import NO_PROPOSAL, NgramProposer, Proposal, Proposer
 from worker.spec.rescored_head import CANDIDATES, RescoredHead, float_head_rows
 
@@ -77,7 +77,7 @@ class SelfDraftProposer(Proposer):
     def weight_format(self) -> str:
         head = self.runner.model.lm_head
         if isinstance(head, RescoredHead):
-            return (f"{self.runner.weight_format.split(', LM head')[0]}, LM head int4 with "
+            return (f"{self.runner.weight_format}; its LM head replaced by int4 with "
                     f"{head.candidates} candidates rescored from the target's")
         return self.runner.weight_format
 
@@ -144,12 +144,9 @@ class SelfDraftProposer(Proposer):
         p = seq.params
         if p.greedy and not (p.has_penalties or p.min_tokens):
             return int(row.argmax()), None
-        ctx = RowContext(p, seq.token_ids + drafted, seq.num_prompt_tokens)
-        logits = penalized(row.float().unsqueeze(0), [ctx], self.eos_token_ids)
-        if p.greedy:
-            return int(logits.argmax()), None
-        dist = probabilities(logits, p)[0]
-        return draw(dist, self.generator), dist
+        return draft_choice(row.float().unsqueeze(0),
+                            RowContext(p, seq.token_ids + drafted, seq.num_prompt_tokens),
+                            self.eos_token_ids, self.generator)
 
 
 def _share_embedding(draft: torch.nn.Module, target: torch.nn.Module) -> None:
